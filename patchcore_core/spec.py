@@ -56,6 +56,12 @@ class ModelSpec:
             raise ValueError(
                 f"layers {bad} do not exist in {self.backbone}; choose from {list(allowed)}"
             )
+        positions = [allowed.index(layer) for layer in self.layers]
+        if positions != sorted(set(positions)):
+            raise ValueError(
+                f"layers {list(self.layers)} must be distinct and in network order (shallow first, "
+                f"the patch grid is the first layer's), e.g. {list(BACKBONE_LAYERS[self.backbone][0])}"
+            )
         if not self.weights:
             raise ValueError("weights must be 'default', 'none' or a state-dict URI")
         if self.patch_size < 1 or self.patch_size % 2 != 1:

@@ -1,0 +1,135 @@
+"""features: patch_features against a loop-by-loop reading of paper §3.1 / the authors' code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from patchcore_core import backbone, features
+from patchcore_core.spec import ModelSpec
+
+
+def naive_pool(values: list[float], size: int) -> list[float]:
+    """adaptive_avg_pool1d by its definition: bin i averages [floor(i*n/m), ceil((i+1)*n/m))."""
+    n = len(values)
+    out = []
+    for i in range(size):
+        start, stop = (i * n) // size, math.ceil((i + 1) * n / size)
+        out.append(sum(values[start:stop]) / (stop - start))
+    return out
+
+
+def naive_neighbourhood(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> list[float]:
+    """Values of the p×p neighbourhood N_p (Eq. 1) at (y, x), zero outside, ordered (c, dy, dx)."""
+    _, C, H, W = fmap.shape
+    r = p // 2
+    values = []
+    for c in range(C):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                inside = 0 <= y + dy < H and 0 <= x + dx < W
+                values.append(float(fmap[b, c, y + dy, x + dx]) if inside else 0.0)
+    return values
+
+
+def naive_bilinear_taps(out_index: int, out_size: int, in_size: int) -> tuple[int, int, float]:
+    """align_corners=False source taps: centre-aligned, clamped at the border."""
+    source = max((out_index + 0.5) * in_size / out_size - 0.5, 0.0)
+    i0 = min(int(math.floor(source)), in_size - 1)
+    i1 = min(i0 + 1, in_size - 1)
+    return i0, i1, source - i0
+
+
+def naive_patch_features(maps: list[torch.Tensor], p: int, embed_dim: int) -> torch.Tensor:
+    B, _, h, w = maps[0].shape
+    out = torch.zeros(B, h, w, embed_dim, dtype=torch.float64)
+    for b in range(B):
+        for y in range(h):
+            for x in range(w):
+                fused: list[float] = []
+                for fmap in maps:
+                    h_l, w_l = fmap.shape[2:]
+                    y0, y1, wy = naive_bilinear_taps(y, h, h_l)
+                    x0, x1, wx = naive_bilinear_taps(x, w, w_l)
+                    corners = [
+                        (naive_neighbourhood(fmap, b, y0, x0, p), (1 - wy) * (1 - wx)),
+                        (naive_neighbourhood(fmap, b, y0, x1, p), (1 - wy) * wx),
+                        (naive_neighbourhood(fmap, b, y1, x0, p), wy * (1 - wx)),
+                        (naive_neighbourhood(fmap, b, y1, x1, p), wy * wx),
+                    ]
+                    values = [
+                        sum(vec[k] * weight for vec, weight in corners)
+                        for k in range(len(corners[0][0]))
+                    ]
+                    fused += naive_pool(values, embed_dim)
+                out[b, y, x] = torch.tensor(naive_pool(fused, embed_dim), dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shapes", "patch_size", "embed_dim"),
+    [
+        ([(3, 8, 8), (5, 4, 4)], 3, 8),  # two layers, stride ratio 2
+        ([(3, 6, 10), (5, 3, 5)], 3, 64),  # non-square; embed_dim > C*p*p (pool repeats values)
+        ([(2, 5, 7), (4, 3, 4)], 5, 11),  # odd grids: upsampling factors are not integers
+        ([(4, 4, 4)], 1, 4),  # one layer, p = 1
+    ],
+)
+def test_patch_features_match_naive_loops(shapes: list, patch_size: int, embed_dim: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, *shape, generator=generator) for shape in shapes]
+    result = features.patch_features(maps, patch_size, embed_dim)
+    expected = naive_patch_features(maps, patch_size, embed_dim)
+    assert result.shape == (2, shapes[0][1], shapes[0][2], embed_dim)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_single_layer_p1_full_width_is_the_feature_map_itself() -> None:
+    fmap = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1))
+    result = features.patch_features([fmap], patch_size=1, embed_dim=6)
+    torch.testing.assert_close(result, fmap.permute(0, 2, 3, 1), atol=0, rtol=0)
+
+
+def test_patch_features_rejects_even_patch_size() -> None:
+    with pytest.raises(ValueError, match="odd"):
+        features.patch_features([torch.zeros(1, 2, 4, 4)], patch_size=2, embed_dim=4)
+
+
+def test_wide_resnet50_at_224_gives_28x28_patches_of_1024_dims() -> None:
+    # The paper's reference configuration (DESIGN.md §3): 784 patches of 1024 dims per image.
+    spec = ModelSpec(backbone="wide_resnet50_2", weights="none", layers=("layer2", "layer3"))
+    extractor = backbone.load_backbone(spec)
+    out = features.embed(extractor, torch.randn(1, 3, 224, 224), spec)
+    assert out.shape == (1, 28, 28, 1024) and out.dtype == torch.float32
+    assert not out.requires_grad
+
+
+def test_embed_equals_patch_features_of_extractor_outputs() -> None:
+    spec = ModelSpec(
+        backbone="efficientnet_lite0",
+        weights="none",
+        layers=("blocks.2", "blocks.4"),
+        crop=64,
+        resize=64,
+        embed_dim=32,
+    )
+    extractor = backbone.load_backbone(spec)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out = features.embed(extractor, images, spec)
+    with torch.no_grad():
+        maps = extractor(images)
+    assert out.shape == (2, 8, 8, 32)
+    torch.testing.assert_close(out, features.patch_features(maps, 3, 32), atol=0, rtol=0)
+
+
+def test_embed_rejects_wrong_image_shape() -> None:
+    extractor = backbone.load_backbone(
+        ModelSpec(backbone="resnet18", weights="none", layers=("layer1",))
+    )
+    with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
+        features.embed(
+            extractor, torch.zeros(3, 64, 64), ModelSpec(backbone="resnet18", layers=("layer1",))
+        )
