@@ -39,7 +39,7 @@ def test_declared_channels_and_strides_match_real_outputs(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "layers"),
-    [("resnet18", ("layer3", "layer1")), ("efficientnet_lite0", ("blocks.4", "blocks.2"))],
+    [("resnet18", ("layer1", "layer3")), ("efficientnet_lite0", ("blocks.2", "blocks.4"))],
 )
 def test_outputs_equal_torchvision_feature_extractor_in_spec_order(
     name: str, layers: tuple
@@ -227,3 +227,9 @@ def test_cuda_extractor_matches_cpu() -> None:
         gpu = backbone.load_backbone(spec, "cuda")(images.cuda())
     for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=1e-3, rtol=1e-3)
+
+
+def test_spec_rejects_layers_out_of_network_order() -> None:
+    # The patch grid is the first layer's, so deep-first orders would silently coarsen it.
+    with pytest.raises(ValueError, match="network order"):
+        ModelSpec(backbone="resnet18", layers=("layer3", "layer1"))

@@ -1,0 +1,489 @@
+"""Storage I/O: the only core module that touches fsspec and pyarrow (DESIGN.md §4).
+
+Owns URIs -> bytes, image listings, Parquet feature shards, manifests (the commit point of every
+artifact folder) and the memory-bank artifact (features.npy + provenance.parquet + manifest.json).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from patchcore_core.bank import Bank
+from patchcore_core.spec import ModelSpec
+
+FORMAT_VERSION = 1
+ARTIFACT_KINDS = ("features", "bank", "results", "report")
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+FEATURE_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+BANK_FEATURES = "features.npy"
+BANK_PROVENANCE = "provenance.parquet"
+
+# Keys that must never reach an artifact (credentials). Matched case-insensitively.
+_SECRET_KEYS = {"key", "secret", "token", "password", "storage_options", "client_kwargs"}
+_SECRET_PARTS = ("secret", "password", "session_token", "access_key")
+_INPUT_FORMS = (
+    "a folder or prefix (searched recursively for " + " ".join(IMAGE_EXTENSIONS) + "), "
+    "a glob such as 's3://bucket/images/*.png', or a manifest file "
+    "(.txt with one URI per line, .csv or .parquet with a 'uri' column)"
+)
+
+
+# --------------------------------------------------------------------------- filesystems and bytes
+
+
+def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, path without protocol) for a local path or any fsspec URI.
+
+    S3-compatible endpoints and credentials come from the standard AWS variables
+    (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...; botocore reads them itself) or from
+    `storage_options` (e.g. {"endpoint_url": ..., "anon": true}). Nothing here logs them.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"expected a non-empty path or URI string, got {uri!r}")
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def _is_local(fs: Any) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _uncached(fs: Any, path: str | None = None) -> None:
+    """Drop fsspec's cached listings (of `path` and its parents, or all): another process (a Ray
+    worker) may have written there since, and a stale listing would hide shards or manifests."""
+    fs.invalidate_cache(path)
+
+
+def _to_uri(fs: Any, path: str) -> str:
+    """Full URI for an fs path: plain absolute path when local, 'proto://path' otherwise."""
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/...` for paths and URIs alike (never a backslash)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    return bool(fs.exists(path))
+
+
+def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete one file if it exists (used to un-commit a folder before overwriting it)."""
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Whole file as bytes. FileNotFoundError names the URI."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return fs.cat_file(path)  # one GET; no existence check first (millions of images)
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise FileNotFoundError(f"no such file: {uri}") from err
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never a part.
+
+    Local: write a temporary name in the same folder, fsync, then os.replace (creates the folder).
+    Object stores: one PUT (multipart uploads also become visible only on completion).
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    if not _is_local(fs):
+        fs.pipe_file(path, bytes(data))
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------- image listings
+
+
+def _has_magic(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+def _is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _manifest_entries(fs: Any, path: str, uri: str) -> list[str]:
+    """URIs listed in a .txt/.csv/.parquet manifest; relative entries resolve against its folder."""
+    data = fs.cat_file(path)
+    lower = path.lower()
+    if lower.endswith(".txt"):
+        lines = data.decode("utf-8").splitlines()
+        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    else:
+        if lower.endswith(".csv"):
+            opts = pa_csv.ConvertOptions(column_types={"uri": pa.string()})
+            table = pa_csv.read_csv(pa.BufferReader(data), convert_options=opts)
+        else:
+            table = pq.read_table(pa.BufferReader(data))
+        if "uri" not in table.column_names:
+            raise ValueError(
+                f"image manifest {uri} has no 'uri' column (columns: {table.column_names}); "
+                "add a 'uri' column with one image path or URI per row"
+            )
+        column = table.column("uri")
+        if column.null_count:
+            raise ValueError(f"image manifest {uri} has {column.null_count} empty 'uri' values")
+        entries = [str(s).strip() for s in column.to_pylist()]
+    parent = posixpath.dirname(path)
+    out = []
+    for entry in entries:
+        if entry.startswith("file://"):
+            out.append(entry[len("file://") :])
+        elif "://" in entry:
+            out.append(entry)
+        elif _is_local(fs):
+            out.append(os.path.normpath(os.path.join(parent, entry)))
+        elif entry.startswith("/"):
+            raise ValueError(
+                f"image manifest {uri} lists {entry!r}: an absolute path without a protocol is "
+                "ambiguous in a remote manifest; write a full URI or a path relative to it"
+            )
+        else:
+            out.append(fs.unstrip_protocol(posixpath.normpath(posixpath.join(parent, entry))))
+    return out
+
+
+def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted, de-duplicated image URIs from a folder/prefix, a glob, a manifest or one image file.
+
+    Folders are searched recursively for IMAGE_EXTENSIONS (any case); a glob keeps the matched files
+    with those extensions; manifest entries are taken as they are (not checked for existence).
+    Local results are plain absolute paths, remote ones keep their protocol ('s3://b/x.png').
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs)
+    if _has_magic(uri):
+        found = [_to_uri(fs, p) for p in fs.glob(path) if _is_image_name(p) and fs.isfile(p)]
+    elif path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+        found = _manifest_entries(fs, path, uri)
+    elif fs.isdir(path):
+        found = [_to_uri(fs, p) for p in fs.find(path) if _is_image_name(p)]
+    elif fs.isfile(path) and _is_image_name(path):
+        found = [_to_uri(fs, path)]
+    else:
+        found = []
+    if not found:
+        raise ValueError(f"no images found at {uri!r}; expected {_INPUT_FORMS}")
+    return sorted(set(found))
+
+
+# --------------------------------------------------------------------------- parquet tables
+
+
+def write_table(uri: str, table: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one Parquet file atomically (serialised in memory, then `write_bytes`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes(), storage_options)
+
+
+def read_table(
+    uri: str,
+    columns: Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    """Read one Parquet file (optionally only `columns`)."""
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"no such Parquet file: {uri}")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=list(columns) if columns is not None else None)
+    return table
+
+
+def write_feature_shard(
+    uri: str,
+    image_ids: Sequence[str],
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    features: torch.Tensor,
+    dtype: str = "float16",
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write patch features as Parquet, one row per patch (DESIGN.md §4 feature store).
+
+    image_ids: n strings, one per row (the image URI; see `model.flatten_patches`).
+    ys, xs: (n,) integer grid coordinates, stored as int16.
+    features: (n, D) float, stored as fixed_size_list<dtype>[D] in column `feature`.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    if features.ndim != 2:
+        raise ValueError(f"features must be (n, D), got shape {tuple(features.shape)}")
+    n, dim = features.shape
+    if len(image_ids) != n or ys.shape != (n,) or xs.shape != (n,):
+        raise ValueError(
+            f"need one image_id, y and x per feature row: {n} rows, {len(image_ids)} image_ids, "
+            f"ys {tuple(ys.shape)}, xs {tuple(xs.shape)}; hint: model.flatten_patches builds them"
+        )
+    for name, coords in (("ys", ys), ("xs", xs)):
+        if n and (int(coords.min()) < 0 or int(coords.max()) > np.iinfo(np.int16).max):
+            raise ValueError(f"{name} must lie in [0, 32767] to fit int16")
+    np_dtype, pa_dtype = FEATURE_DTYPES[dtype]
+    values = features.detach().cpu().to(torch.float32).numpy().astype(np_dtype).reshape(-1)
+    table = pa.table(
+        {
+            "image_id": pa.array(list(image_ids), type=pa.string()),
+            "y": pa.array(ys.cpu().numpy().astype(np.int16), type=pa.int16()),
+            "x": pa.array(xs.cpu().numpy().astype(np.int16), type=pa.int16()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa_dtype), dim),
+        }
+    )
+    write_table(uri, table, storage_options)
+
+
+def read_feature_shard(
+    uri: str,
+    columns: Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read a feature shard written by `write_feature_shard`.
+
+    Returns the requested columns (default all): "image_id" -> list[str], "y"/"x" -> (n,) int64,
+    "feature" -> (n, D) float32 tensor (float16 shards are widened).
+    """
+    allowed = ("image_id", "y", "x", "feature")
+    wanted = list(allowed if columns is None else columns)
+    bad = [c for c in wanted if c not in allowed]
+    if bad:
+        raise ValueError(f"unknown feature-shard columns {bad}; choose from {list(allowed)}")
+    table = read_table(uri, wanted, storage_options)
+    out: dict[str, Any] = {}
+    for name in wanted:
+        column = table.column(name)
+        if column.null_count:
+            raise ValueError(f"feature shard {uri}: column {name!r} has {column.null_count} nulls")
+        if name == "image_id":
+            out[name] = [str(s) for s in column.to_pylist()]
+        elif name in ("y", "x"):
+            out[name] = torch.from_numpy(column.to_numpy().astype(np.int64))
+        else:
+            if not pa.types.is_fixed_size_list(column.type):
+                raise ValueError(
+                    f"feature shard {uri}: column 'feature' is {column.type}, expected a "
+                    "fixed_size_list of float16/float32; was it written by write_feature_shard?"
+                )
+            dim = column.type.list_size
+            flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            out[name] = torch.from_numpy(flat.astype(np.float32).reshape(-1, dim))
+    return out
+
+
+# ------------------------------------------------------------------------ manifests (commit point)
+
+
+def _find_secrets(value: Any, where: str = "") -> list[str]:
+    """Dotted paths of keys that look like credentials."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).lower()
+            if name in _SECRET_KEYS or any(part in name for part in _SECRET_PARTS):
+                found.append(f"{where}{key}")
+            found += _find_secrets(item, f"{where}{key}.")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found += _find_secrets(item, f"{where}{i}.")
+    return found
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"artifact kind must be one of {list(ARTIFACT_KINDS)}, got {kind!r}")
+
+
+def write_manifest(
+    folder: str,
+    manifest: dict[str, Any],
+    *,
+    kind: str,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Publish `folder/manifest.json` (write it LAST: it commits the folder).
+
+    Adds "kind" and "format_version". Refuses keys that look like credentials.
+    """
+    _check_kind(kind)
+    secrets = _find_secrets(manifest)
+    if secrets:
+        raise ValueError(
+            f"refusing to write credentials into {join_uri(folder, MANIFEST_NAME)}: keys {secrets}"
+        )
+    body = {**manifest, "kind": kind, "format_version": FORMAT_VERSION}
+    text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False)
+    write_bytes(join_uri(folder, MANIFEST_NAME), text.encode("utf-8"), storage_options)
+
+
+def is_committed(folder: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `folder` holds a manifest.json (a finished artifact; its kind is not checked)."""
+    return exists(join_uri(folder, MANIFEST_NAME), storage_options)
+
+
+def read_manifest(
+    folder: str, kind: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest of a committed artifact folder of `kind`.
+
+    FileNotFoundError when the folder has no manifest.json (the job did not finish);
+    ValueError when it is another kind, another format version, or not valid JSON.
+    """
+    _check_kind(kind)
+    uri = join_uri(folder, MANIFEST_NAME)
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if not fs.isfile(path):
+        raise FileNotFoundError(
+            f"{folder} has no {MANIFEST_NAME}: it is not a finished {kind} artifact (the job that "
+            "writes it did not finish, or the path is wrong); rerun that job to complete it"
+        )
+    try:
+        manifest = json.loads(fs.cat_file(path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{uri} is not valid JSON ({err}); rerun the job that wrote it") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{uri} must hold a JSON object, got {type(manifest).__name__}")
+    if manifest.get("kind") != kind:
+        raise ValueError(
+            f"{folder} is a {manifest.get('kind')!r} artifact, expected {kind!r}; "
+            "check which folder you passed"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder} has format_version {manifest.get('format_version')!r}; this build reads "
+            f"{FORMAT_VERSION}; re-create the artifact with this version"
+        )
+    return manifest
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that determine a bank's numbers (for the manifest)."""
+    out = {}
+    names = ("torch", "numpy", "faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "timm")
+    for name in (*names, "patchcore-at-scale"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # optional package (e.g. only one faiss flavour is installed)
+    return out
+
+
+# --------------------------------------------------------------------------- memory bank artifact
+
+
+def save_bank(uri: str, bank: Bank, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a bank folder: features.npy (M, D) float32, provenance.parquet, manifest.json last.
+
+    An existing manifest is removed first, so a crash mid-write never leaves a committed folder
+    whose files disagree.
+    """
+    remove(join_uri(uri, MANIFEST_NAME), storage_options)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(bank.features.detach().cpu().numpy(), dtype=np.float32))
+    write_bytes(join_uri(uri, BANK_FEATURES), buffer.getvalue(), storage_options)
+    provenance = pa.table(
+        {
+            "image_id": pa.array(list(bank.image_ids), type=pa.string()),
+            "y": pa.array(bank.ys.cpu().numpy().astype(np.int16), type=pa.int16()),
+            "x": pa.array(bank.xs.cpu().numpy().astype(np.int16), type=pa.int16()),
+        }
+    )
+    write_table(join_uri(uri, BANK_PROVENANCE), provenance, storage_options)
+    manifest = {
+        "spec": bank.spec.to_json(),
+        "counts": {
+            "num_entries": int(bank.features.shape[0]),
+            "embed_dim": int(bank.features.shape[1]),
+        },
+        "projection_seed": int(bank.projection_seed),
+        "coverage_radius": float(bank.coverage_radius),
+        "image_threshold": None if bank.image_threshold is None else float(bank.image_threshold),
+        "pixel_threshold": None if bank.pixel_threshold is None else float(bank.pixel_threshold),
+        "files": {"features": BANK_FEATURES, "provenance": BANK_PROVENANCE},
+        "versions": package_versions(),
+        "info": bank.info,
+    }
+    write_manifest(uri, manifest, kind="bank", storage_options=storage_options)
+
+
+def load_bank(
+    uri: str,
+    expected_spec: ModelSpec | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Bank:
+    """Read a bank folder written by `save_bank` (no pickle).
+
+    ValueError when `expected_spec` is given and differs from the stored spec, or when the files
+    disagree with the manifest.
+    """
+    manifest = read_manifest(uri, "bank", storage_options)
+    spec = ModelSpec.from_json(manifest["spec"])
+    if expected_spec is not None and spec != expected_spec:
+        raise ValueError(
+            f"bank {uri} was built with spec {spec} but {expected_spec} was expected; "
+            "use the same model flags as the bank, or rebuild the bank"
+        )
+    data = read_bytes(join_uri(uri, manifest["files"]["features"]), storage_options)
+    features = np.load(io.BytesIO(data), allow_pickle=False)
+    count, dim = manifest["counts"]["num_entries"], manifest["counts"]["embed_dim"]
+    if features.dtype != np.float32 or features.shape != (count, dim):
+        raise ValueError(
+            f"bank {uri}: features.npy is {features.dtype} {features.shape}, manifest says "
+            f"float32 ({count}, {dim}); the folder is corrupt, rebuild the bank"
+        )
+    provenance = read_table(join_uri(uri, manifest["files"]["provenance"]), None, storage_options)
+    if provenance.num_rows != count:
+        raise ValueError(
+            f"bank {uri}: provenance.parquet has {provenance.num_rows} rows, expected {count}"
+        )
+    return Bank(
+        spec=spec,
+        features=torch.from_numpy(features),
+        image_ids=tuple(str(s) for s in provenance.column("image_id").to_pylist()),
+        ys=torch.from_numpy(provenance.column("y").to_numpy().astype(np.int64)),
+        xs=torch.from_numpy(provenance.column("x").to_numpy().astype(np.int64)),
+        projection_seed=int(manifest["projection_seed"]),
+        coverage_radius=float(manifest["coverage_radius"]),
+        image_threshold=manifest["image_threshold"],
+        pixel_threshold=manifest["pixel_threshold"],
+        info=manifest["info"],
+    )
