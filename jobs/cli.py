@@ -1,0 +1,58 @@
+"""The `patchcore` command: dispatches `patchcore COMMAND ...` to `jobs.COMMAND.main(argv)` (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+# command -> (module whose `main(argv)` runs it, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("jobs.fit", "extract features and select a coreset bank in one job"),
+    "extract": ("jobs.extract", "extract patch features into a sharded Parquet feature store"),
+    "coreset": ("jobs.coreset", "select a coreset memory bank from a feature store"),
+    "score": ("jobs.score", "score images with a bank: scores, anomaly maps, masks"),
+    "evaluate": ("jobs.evaluate", "image AUROC, pixel AUROC and PRO of scored results"),
+    "demo": ("jobs.demo", "make demo data, fit, score and evaluate on this machine"),
+    "benchmark": ("jobs.benchmark", "run a benchmark suite (e.g. `benchmark mvtec`)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: patchcore COMMAND [--help] [flags]", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [
+        "",
+        "`patchcore COMMAND --help` lists the command's flags and defaults.",
+        "RAY_ADDRESS set: run on that Ray cluster; unset: start a local Ray for the run.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run `patchcore COMMAND [flags]`; exits 2 with the list of commands on a bad command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if args[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0)
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"\npatchcore: error: unknown command {command!r}; choose one of "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name = COMMANDS[command][0]
+    if importlib.util.find_spec(module_name) is None:
+        print(f"patchcore: error: command {command!r} is not available in this installation "
+              f"(module {module_name} is missing); reinstall with `pip install -e .`", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(module_name)
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()
