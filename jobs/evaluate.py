@@ -1,0 +1,468 @@
+"""`patchcore evaluate`: image AUROC, pixel AUROC and PRO of scored results on a labelled dataset.
+
+Paper §4.1 metrics. Runs on the driver without Ray: scores are matched to the dataset's test items
+by URI, anomaly maps are streamed one by one into fixed-bin histograms (metrics.PixelCurves), so
+memory does not grow with the number or size of images. Writes the report folder (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jobs import datasets, report
+from jobs._cli import arg, config_dict, config_json, parse_config, parse_storage_options
+from patchcore_core import metrics, preprocess, storage
+
+log = logging.getLogger("jobs.evaluate")
+
+MAP_KINDS = ("raw", "png", "none")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate scored results against a labelled dataset: image AUROC, pixel AUROC, PRO, thresholds."""
+
+    results: str = arg("results folder of `patchcore score`; several (e.g. one per category) comma-separated")
+    dataset: str = arg("labelled dataset: MVTec AD root or category folder, VisA split CSV or VisA root")
+    out: str = arg("report folder (metrics.json, report.md, curve and overlay PNGs, manifest.json)")
+    maps: str = arg("anomaly maps to use: raw (maps_raw/*.npy, crop space), png (maps/*.png, 8-bit, "
+                    "input resolution) or none; default: raw when present, else png", "auto")
+    num_bins: int = arg("score bins of the streaming pixel metrics (raw maps)", 2000)
+    max_fpr: float = arg("PRO is integrated from FPR 0 to this value and normalised", 0.3)
+    overlays: int = arg("worst nominal and worst defective images drawn per category", 2)
+    storage_options: str = arg("fsspec storage options as JSON (credentials never logged)", "")
+    overwrite: bool = arg("replace a finished report in --out", False)
+    dry_run: bool = arg("read manifests, dataset and scores, match them, then stop", False)
+    log_level: str = arg("DEBUG, INFO, WARNING or ERROR", "INFO")
+
+    def __post_init__(self) -> None:
+        if self.maps not in (*MAP_KINDS, "auto"):
+            raise ValueError(f"--maps must be one of auto, {', '.join(MAP_KINDS)}; got {self.maps!r}")
+        if self.num_bins < 16:
+            raise ValueError(f"--num-bins must be >= 16, got {self.num_bins}")
+        if not 0.0 < self.max_fpr <= 1.0:
+            raise ValueError(f"--max-fpr must be in (0, 1], got {self.max_fpr}")
+        if self.overlays < 0:
+            raise ValueError(f"--overlays must be >= 0, got {self.overlays}")
+        if not [r for r in self.results.split(",") if r.strip()]:
+            raise ValueError("--results needs at least one results folder")
+        parse_storage_options(self.storage_options)
+
+
+# --------------------------------------------------------------------------- reading results
+
+
+@dataclass(frozen=True)
+class ResultsFolder:
+    """What evaluate needs from one results folder and the bank it references."""
+
+    uri: str
+    maps: str  # "raw", "png" or "none"
+    image_threshold: float | None
+    pixel_threshold: float | None
+    resize: int
+    crop: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One dataset test item with its result row. map_uri: None when maps are not used."""
+
+    item: datasets.TestItem
+    score: float
+    anomalous: bool | None  # None when the bank has no image threshold
+    width: int
+    height: int
+    folder: ResultsFolder
+    map_uri: str | None
+
+
+def _map_uri(folder: str, rel: str, kind: str) -> str:
+    """Where the score job put the `kind` map of the input it recorded as `rel` (jobs/score.py)."""
+    from jobs import score  # deferred: it imports Ray, which evaluate itself does not need
+
+    sub, suffix = score.MAP_KINDS[kind]
+    return storage.join_uri(folder, sub, rel + suffix)
+
+
+def _parquet_parts(folder: str, sub: str, options: dict[str, Any]) -> list[str]:
+    fs, path = storage.url_to_fs(storage.join_uri(folder, sub), options)
+    if not fs.isdir(path):
+        return []
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    parts = sorted(fs.glob(posixpath.join(path, "part-*.parquet")))
+    return [p if "file" in protocols else fs.unstrip_protocol(p) for p in parts]
+
+
+def read_results(
+    folder: str, maps: str, options: dict[str, Any]
+) -> tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]:
+    """(folder info, result rows, {uri: error}) of one committed results folder."""
+    manifest = storage.read_manifest(folder, "results", options)
+    if all(k in manifest for k in ("spec", "image_threshold", "pixel_threshold")):
+        source = manifest  # the score job copies the bank's spec and thresholds
+    elif isinstance(manifest.get("bank"), str):
+        source = storage.read_manifest(manifest["bank"], "bank", options)
+    else:
+        raise ValueError(
+            f"results manifest of {folder} has neither the bank's spec and thresholds nor a bank "
+            "reference; was it written by `patchcore score`?"
+        )
+    spec = source["spec"]
+    available = [k for k in ("raw", "png") if manifest.get("maps", {}).get(k)]
+    if maps == "auto":
+        chosen = available[0] if available else "none"
+    elif maps != "none" and maps not in available:
+        raise ValueError(
+            f"--maps {maps}: results {folder} hold maps of kinds {available or 'none'}; "
+            "rerun `patchcore score` with the maps you need, or pick another --maps"
+        )
+    else:
+        chosen = maps
+    info = ResultsFolder(
+        folder, chosen, source["image_threshold"], source["pixel_threshold"],
+        int(spec["resize"]), int(spec["crop"]),
+    )
+    if chosen == "png" and info.pixel_threshold is None:
+        raise ValueError(
+            f"results {folder}: 8-bit PNG maps are scaled by the bank's pixel threshold, but the "
+            "bank has none; use --maps raw or a calibrated bank"
+        )
+    rows: list[dict[str, Any]] = []
+    columns = ["uri", "rel", "score", "anomalous", "width", "height"]
+    for part in _parquet_parts(folder, "scores", options):
+        table = storage.read_table(part, columns, options)
+        rows += table.to_pylist()
+    for row in rows:
+        row["map_uri"] = None if chosen == "none" else _map_uri(folder, row["rel"], chosen)
+    errors: dict[str, str] = {}
+    for part in _parquet_parts(folder, "errors", options):
+        for row in storage.read_table(part, ["uri", "error"], options).to_pylist():
+            errors[datasets.uri_key(row["uri"])] = row["error"]
+    return info, rows, errors
+
+
+def match(
+    categories: dict[str, datasets.Category],
+    folders: Sequence[tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]],
+) -> tuple[dict[str, list[Scored]], list[str]]:
+    """({category: its scored test items}, categories without scores); see datasets.match_test_items."""
+    rows = [(info, row) for info, folder_rows, _ in folders for row in folder_rows]
+    errors = {k: v for _, _, errs in folders for k, v in errs.items()}
+    matched, skipped = datasets.match_test_items(categories, [row["uri"] for _, row in rows], errors)
+    out = {}
+    for name, pairs in matched.items():
+        out[name] = [
+            Scored(item, float(row["score"]), row["anomalous"], int(row["width"]), int(row["height"]),
+                   info, row["map_uri"])
+            for item, (info, row) in ((item, rows[i]) for item, i in pairs)
+        ]
+    return out, skipped
+
+
+# --------------------------------------------------------------------------- maps and masks
+
+
+def load_map(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
+    """The anomaly map of one image in score units, float32.
+
+    raw: (crop, crop), exactly as scored. png: (height, width); the 8-bit value v stands for
+    v / 255 * 2 * pixel_threshold (the score job's documented scaling, saturating above that).
+    """
+    assert entry.map_uri is not None
+    data = storage.read_bytes(entry.map_uri, options)
+    crop = entry.folder.crop
+    if entry.folder.maps == "raw":
+        amap = np.load(io.BytesIO(data), allow_pickle=False)
+        if amap.shape != (crop, crop):
+            raise ValueError(f"{entry.map_uri}: raw map of shape {amap.shape}, expected ({crop}, {crop})")
+        return torch.from_numpy(amap.astype(np.float32))
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32)
+    if pixels.shape != (entry.height, entry.width):
+        raise ValueError(
+            f"{entry.map_uri}: PNG map of {pixels.shape[1]}x{pixels.shape[0]} px, "
+            f"the image is {entry.width}x{entry.height}"
+        )
+    scale = 2.0 * float(entry.folder.pixel_threshold) / 255.0  # type: ignore[arg-type]
+    return torch.from_numpy(pixels * scale)
+
+
+def load_mask(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
+    """Ground truth (bool) in the map's space: crop space for raw maps (datasets.mask_to_crop),
+    else the input resolution."""
+    folder = entry.folder
+    if entry.item.mask_uri is None:
+        size = (folder.crop, folder.crop) if folder.maps == "raw" else (entry.height, entry.width)
+        return torch.zeros(size, dtype=torch.bool)
+    defect = datasets.read_mask(entry.item.mask_uri, options)
+    if defect.shape != (entry.height, entry.width):
+        raise ValueError(
+            f"mask {entry.item.mask_uri} is {defect.shape[1]}x{defect.shape[0]} px but its image "
+            f"{entry.item.uri} is {entry.width}x{entry.height}"
+        )
+    if folder.maps != "raw":
+        return torch.from_numpy(defect)
+    return torch.from_numpy(datasets.mask_to_crop(defect, folder.resize, folder.crop))
+
+
+def _value_range(entries: Sequence[Scored], options: dict[str, Any]) -> tuple[float, float]:
+    """(low, high) over all maps of a category: the histogram range (first of two passes)."""
+    folder = entries[0].folder
+    if folder.maps == "png":
+        return 0.0, 2.0 * float(folder.pixel_threshold)  # type: ignore[arg-type]
+    low, high = float("inf"), float("-inf")
+    for entry in entries:
+        amap = load_map(entry, options)
+        low, high = min(low, float(amap.min())), max(high, float(amap.max()))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _counts(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    tp = int((predicted & labels).sum())
+    fp = int((predicted & ~labels).sum())
+    fn = int((~predicted & labels).sum())
+    return {"false_positives": fp, "false_negatives": fn, "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+def _pixel_f1_optimal(curves: metrics.PixelCurves) -> dict[str, Any]:
+    """Best pixel F1 over the histogram's bin edges ("bin >= i" predicts defect)."""
+    tp = np.cumsum(curves.positives.numpy()[::-1])[::-1]  # (n,) defect pixels in bins >= i
+    fp = np.cumsum(curves.negatives.numpy()[::-1])[::-1]
+    positives = tp[0]
+    f1 = 2 * tp / np.maximum(1, 2 * tp + fp + (positives - tp))
+    best = int(np.argmax(f1))
+    return {
+        "threshold": float(curves.edges()[best]),
+        "f1": float(f1[best]),
+        "false_positives": int(fp[best]),
+        "false_negatives": int(positives - tp[best]),
+    }
+
+
+def image_metrics(name: str, entries: Sequence[Scored]) -> tuple[dict[str, Any], dict[str, report.Curve]]:
+    """Image AUROC, F1-optimal and calibrated thresholds with FP/FN counts; plus ROC/PR curves."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    scores = torch.tensor([e.score for e in entries], dtype=torch.float64)
+    labels = torch.tensor([e.item.label for e in entries], dtype=torch.int64)
+    defective = labels.numpy().astype(bool)
+    threshold, best_f1 = metrics.f1_optimal_threshold(scores, labels)  # "score >= threshold"
+    best = {"threshold": threshold, **_counts(scores.numpy() >= threshold, defective), "f1": best_f1}
+    if any(e.anomalous is None for e in entries):  # uncalibrated bank: no calibrated labels
+        calibrated: dict[str, Any] = {"false_positives": None, "false_negatives": None, "f1": None}
+    else:  # the score job's `anomalous` column: score > the bank's image threshold
+        calibrated = _counts(np.array([bool(e.anomalous) for e in entries]), defective)
+    thresholds = {e.folder.image_threshold for e in entries}
+    calibrated["threshold"] = thresholds.pop() if len(thresholds) == 1 else None
+    out = {
+        "num_images": len(entries),
+        "num_defective": int(labels.sum()),
+        "image_auroc": metrics.image_auroc(scores, labels),
+        "f1_optimal": best,
+        "calibrated": calibrated,
+    }
+    fpr, tpr, _ = roc_curve(defective, scores.numpy())
+    precision, recall, _ = precision_recall_curve(defective, scores.numpy())
+    true_pos = int(labels.sum()) - best["false_negatives"]
+    point = (true_pos / int(labels.sum()), true_pos / max(1, true_pos + best["false_positives"]))
+    curves = {
+        "image_roc": report.Curve(fpr, tpr, f"{name} (AUROC {out['image_auroc']:.3f})"),
+        "image_pr": report.Curve(recall, precision, f"{name} (best F1 {best_f1:.3f})", point=point),
+    }
+    return out, curves
+
+
+def pixel_metrics(
+    name: str, entries: Sequence[Scored], config: EvaluateConfig, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, report.Curve]]:
+    """Pixel AUROC, PRO, pixel F1 and calibrated-threshold counts, streaming one map at a time."""
+    # one histogram range per category: its maps must share kind, geometry and (PNG) scale
+    if len({(e.folder.maps, e.folder.crop, e.folder.resize, e.folder.pixel_threshold
+             if e.folder.maps == "png" else None) for e in entries}) != 1:
+        raise ValueError(
+            f"category {name!r}: its results folders differ in map kind, crop or PNG scale; "
+            "score the category with one bank, or pass --maps raw"
+        )
+    low, high = _value_range(entries, options)
+    num_bins = 256 if entries[0].folder.maps == "png" else config.num_bins  # PNG: one bin per level
+    curves = metrics.new_pixel_curves(low, high, num_bins)
+    tp = fp = fn = 0
+    for entry in entries:
+        amap, mask = load_map(entry, options), load_mask(entry, options)
+        if amap.shape != mask.shape:
+            raise ValueError(f"{entry.item.uri}: map {tuple(amap.shape)} vs mask {tuple(mask.shape)}")
+        metrics.update_pixel_curves(curves, amap, mask)
+        if entry.folder.pixel_threshold is not None:
+            flagged = amap > entry.folder.pixel_threshold
+            tp += int((flagged & mask).sum())
+            fp += int((flagged & ~mask).sum())
+            fn += int((~flagged & mask).sum())
+    if curves.num_regions == 0:  # e.g. every defect lies outside the centre crop
+        log.warning("category %s: no defect pixels in the evaluated maps; no pixel metrics", name)
+        return {"pixel_auroc": None, "pro": None, "num_regions": 0, "pixel": None}, {}
+    pixel_thresholds = {e.folder.pixel_threshold for e in entries}
+    out = {
+        "pixel_auroc": metrics.pixel_auroc(curves),
+        "pro": metrics.pro_auc(curves, config.max_fpr),
+        "num_regions": curves.num_regions,
+        "pixel": {
+            "f1_optimal": _pixel_f1_optimal(curves),
+            "calibrated": {
+                "threshold": pixel_thresholds.pop() if len(pixel_thresholds) == 1 else None,
+                "false_positives": fp,
+                "false_negatives": fn,
+                "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+            },
+            "histogram": {"low": low, "high": high, "num_bins": num_bins},
+        },
+    }
+    roc, pr = report.histogram_curves(
+        curves.negatives.numpy(), curves.positives.numpy(),
+        f"{name} (AUROC {out['pixel_auroc']:.3f})", f"{name} (best F1 {out['pixel']['f1_optimal']['f1']:.3f})",
+    )
+    return out, {"pixel_roc": roc, "pixel_pr": pr}
+
+
+def evaluate_category(
+    name: str, entries: Sequence[Scored], config: EvaluateConfig, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, report.Curve]]:
+    """(metrics, curves for the plots) of one category; pixel metrics None without maps."""
+    out, curves = image_metrics(name, entries)
+    maps = entries[0].folder.maps
+    if maps == "none":
+        pixel: dict[str, Any] = {"pixel_auroc": None, "pro": None, "num_regions": None, "pixel": None}
+    else:
+        pixel, pixel_curves = pixel_metrics(name, entries, config, options)
+        curves.update(pixel_curves)
+    return {**out, **pixel, "maps": maps}, curves
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _overlay(entry: Scored, kind: str, rank: int, options: dict[str, Any]) -> bytes:
+    """PNG of one worst case, drawn in the space the metrics used."""
+    image = preprocess.decode_image(storage.read_bytes(entry.item.uri, options))
+    folder = entry.folder
+    amap = None if folder.maps == "none" else load_map(entry, options).numpy()
+    if folder.maps == "raw":
+        box = preprocess.crop_box(image.width, image.height, folder.resize, folder.crop)
+        image = image.resize((folder.crop, folder.crop), Image.Resampling.BILINEAR, box=box)
+        mask = load_mask(entry, options).numpy()
+    elif folder.maps == "png":
+        mask = load_mask(entry, options).numpy()
+    else:
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        if entry.item.mask_uri is not None:
+            mask = datasets.read_mask(entry.item.mask_uri, options)
+    threshold = folder.pixel_threshold
+    vmax = 2.0 * threshold if threshold else float(amap.max()) if amap is not None else 1.0
+    calibrated = "" if folder.image_threshold is None else f" (threshold {folder.image_threshold:.4g})"
+    title = (f"{kind} #{rank}: {entry.item.defect}/{posixpath.basename(entry.item.uri)}  "
+             f"score {entry.score:.4g}{calibrated}")
+    return report.overlay_png(np.asarray(image), amap, mask, title, vmax, threshold)
+
+
+def _worst(entries: Sequence[Scored], count: int) -> list[tuple[str, int, Scored]]:
+    nominal = sorted((e for e in entries if e.item.label == 0), key=lambda e: -e.score)[:count]
+    defective = sorted((e for e in entries if e.item.label == 1), key=lambda e: e.score)[:count]
+    return [("nominal", i + 1, e) for i, e in enumerate(nominal)] + [
+        ("defective", i + 1, e) for i, e in enumerate(defective)
+    ]
+
+
+# --------------------------------------------------------------------------- job
+
+
+def run(config: EvaluateConfig) -> dict[str, Any] | None:
+    """Evaluate and write the report; returns the metrics (None for a dry run or a no-op rerun)."""
+    options = parse_storage_options(config.storage_options)
+    if storage.is_committed(config.out, options) and not config.overwrite:
+        storage.read_manifest(config.out, "report", options)  # refuses another artifact kind
+        log.info("report %s is already complete; nothing to do (pass --overwrite to redo it)", config.out)
+        return None
+    categories = datasets.load_dataset(config.dataset, options, require_train=False)
+    folders = [read_results(r.strip(), config.maps, options) for r in config.results.split(",") if r.strip()]
+    matched, skipped = match(categories, folders)
+    log.info(
+        "matched %s; skipped (no scores): %s",
+        {name: len(v) for name, v in matched.items()}, skipped or "none",
+    )
+    if config.dry_run:
+        return None
+    if config.overwrite:
+        storage.remove(storage.join_uri(config.out, storage.MANIFEST_NAME), options)
+
+    per_category, plots, overlays = {}, {}, []
+    for name, entries in matched.items():
+        log.info("evaluating %s (%d images, maps: %s)", name, len(entries), entries[0].folder.maps)
+        per_category[name], plots[name] = evaluate_category(name, entries, config, options)
+        for kind, rank, entry in _worst(entries, config.overlays):
+            path = f"overlays/{name}/{kind}_{rank}.png"
+            storage.write_bytes(storage.join_uri(config.out, path), _overlay(entry, kind, rank, options), options)
+            overlays.append((f"{name}: {kind} #{rank} ({entry.item.defect}, score {entry.score:.4g})", path))
+    mean = {k: _mean([m[k] for m in per_category.values()]) for k in ("image_auroc", "pixel_auroc", "pro")}
+    kinds = sorted({m["maps"] for m in per_category.values()})
+    notes = {
+        "raw": "raw float maps in crop space (ground truth resized and centre-cropped as the images)",
+        "png": "8-bit PNG maps at input resolution (saturate at 2x the pixel threshold: approximate)",
+        "none": "none (pixel metrics not computed)",
+    }
+    result = {
+        "categories": per_category,
+        "mean": mean,
+        "skipped": skipped,
+        "settings": {"max_fpr": config.max_fpr, "num_bins": config.num_bins,
+                     "maps": kinds, "maps_note": "; ".join(notes[k] for k in kinds)},
+        "inputs": {"results": [f[0].uri for f in folders], "dataset": config.dataset},
+    }
+    figures = report.curve_pngs(plots)  # {"roc.png": bytes, "pr.png": bytes}
+    for path, data in figures.items():
+        storage.write_bytes(storage.join_uri(config.out, path), data, options)
+    text = json.dumps(result, indent=2, sort_keys=False, allow_nan=False)
+    storage.write_bytes(storage.join_uri(config.out, "metrics.json"), text.encode(), options)
+    markdown = report.markdown(result, {"ROC curves": "roc.png", "Precision-recall curves": "pr.png"},
+                               overlays)
+    storage.write_bytes(storage.join_uri(config.out, "report.md"), markdown.encode(), options)
+    manifest = {
+        "config": config_dict(config),
+        "inputs": result["inputs"],
+        "mean": mean,
+        "counts": {"categories": len(per_category), "images": sum(len(v) for v in matched.values()),
+                   "skipped_categories": len(skipped), "overlays": len(overlays)},
+        "files": ["metrics.json", "report.md", "roc.png", "pr.png", *[p for _, p in overlays]],
+    }
+    storage.write_manifest(config.out, manifest, kind="report", storage_options=options)  # commit
+    log.info("report written to %s: %s", config.out, json.dumps(mean))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(EvaluateConfig, argv, prog="patchcore evaluate")
+    from jobs._ray import setup_logging  # logging helper shared by the jobs
+
+    setup_logging(config.log_level)
+    log.info("config %s", config_json(config))
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
