@@ -51,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"(module {module_name} is missing); reinstall with `pip install -e .`", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(module_name)
-    module.main(rest)
+    try:
+        module.main(rest)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        # Bad user input (values, files, layouts): one clear line instead of a traceback.
+        print(f"patchcore {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
 
 
 if __name__ == "__main__":

@@ -188,3 +188,18 @@ def test_python_dash_m_jobs_runs_the_cli() -> None:
         [sys.executable, "-m", "jobs", "--help"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "coreset" in result.stdout
+
+
+def test_missing_bank_is_one_clear_error_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    missing = tmp_path / "no-such-bank"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "--bank", str(missing), "--images", str(images), "--out",
+                  str(tmp_path / "out"), "--dry-run"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "patchcore score: error:" in err and str(missing) in err
+    assert "Traceback" not in err
