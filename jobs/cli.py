@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "image AUROC, pixel AUROC and PRO of scored results"),
     "demo": ("jobs.demo", "make demo data, fit, score and evaluate on this machine"),
     "benchmark": ("jobs.benchmark", "run a benchmark suite (e.g. `benchmark mvtec`)"),
+    "submit": ("jobs.submit", "run a patchcore command as a job on a Ray cluster (infra/README.md)"),
 }
 
 
