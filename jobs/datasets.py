@@ -284,8 +284,8 @@ def match_test_items(
 ) -> tuple[dict[str, list[tuple[TestItem, int]]], list[str]]:
     """Pair each category's test items with scored `uris`: ({category: [(item, index)]}, skipped).
 
-    By normalised URI, else by the longest unique common path suffix of 3 to 6 parts (data scored
-    from a copy elsewhere). Categories with no scored item are skipped; a partly scored category is
+    By normalised URI, else by the longest unique common path suffix of 3 to 6 parts that names the
+    category folder (data scored from a copy elsewhere). Categories with no scored item are skipped; a partly scored category is
     a ValueError naming missing images (with their error from `errors`, {uri_key: message}).
     """
     index: dict[str, int] = {}
@@ -299,12 +299,16 @@ def match_test_items(
         for depth in range(3, min(len(parts), 6) + 1):
             by_suffix.setdefault("/".join(parts[-depth:]), []).append(i)
 
-    def find(uri: str) -> int | None:
+    def find(uri: str, category: str) -> int | None:
         key = uri_key(uri)
         if key in index:
             return index[key]
         parts = key.split("/")
         for depth in range(min(len(parts), 6), 2, -1):
+            # The suffix must name the category folder: `test/good/000.png` alone would match
+            # another category's image of the same name.
+            if category not in parts[-depth:-1]:
+                continue
             hits = by_suffix.get("/".join(parts[-depth:]), [])
             if len(hits) == 1:
                 return hits[0]
@@ -313,7 +317,7 @@ def match_test_items(
     matched: dict[str, list[tuple[TestItem, int]]] = {}
     skipped = []
     for name, category in categories.items():
-        found = [(item, find(item.uri)) for item in category.test]
+        found = [(item, find(item.uri, name)) for item in category.test]
         missing = [item.uri for item, i in found if i is None]
         if len(missing) == len(found):
             skipped.append(name)

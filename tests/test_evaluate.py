@@ -388,3 +388,18 @@ def test_tiny_demo_report_matches_metrics_recomputed_from_scores_and_maps(
     assert m["calibrated"]["false_negatives"] == int((~flagged & labels_a).sum())
     assert result["mean"]["image_auroc"] == m["image_auroc"]
     assert storage.read_manifest(str(out / "report"), "report")["counts"]["images"] == len(table)
+
+
+def test_copied_results_match_only_their_own_category() -> None:
+    # Results of brick scored from a copy elsewhere: grass's same-named files must not match them.
+    from jobs.datasets import Category, TestItem, match_test_items
+
+    def category(name: str) -> Category:
+        items = tuple(TestItem(f"/data/{name}/test/good/{i:03d}.png", 0, "good", None) for i in range(2))
+        return Category(name, (), items)
+
+    categories = {"brick": category("brick"), "grass": category("grass")}
+    scored = [f"s3://copy/brick/test/good/{i:03d}.png" for i in range(2)]
+    matched, skipped = match_test_items(categories, scored, {})
+    assert skipped == ["grass"]
+    assert [index for _, index in matched["brick"]] == [0, 1]

@@ -1,0 +1,330 @@
+"""`patchcore benchmark mvtec`: fit, score and evaluate every MVTec AD category; one results table.
+
+The table has the layout of the paper's Tables 1-3 (§4.2: image AUROC, pixel AUROC, PRO in %,
+rows = categories + mean) plus fit and score wall-clock times. Each category works in
+<out>/<category>/{bank,results,report}; the jobs are no-ops on committed folders, so a rerun
+resumes where the last one stopped. Paper numbers (supplementary Tables S1-S3, WideResNet50) are
+added as reference columns when --ratio is one of the paper's 25%, 10% or 1%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jobs import _cli, _ray, datasets, evaluate, fit, score
+from jobs._shards import PipelineFlags, resolve_device
+from jobs.extract import ModelFlags
+from patchcore_core import storage
+
+log = logging.getLogger("jobs.benchmark")
+
+SUITES = ("mvtec",)
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+TIMING_FILE = "timing.json"  # per category: wall-clock seconds of the fit and score jobs
+
+# Paper supplementary Tables S1 (image AUROC), S2 (pixel AUROC), S3 (PRO), rows PatchCore-25/10/1,
+# copied verbatim (in %). Columns: Avg, then PAPER_CATEGORIES in the paper's order.
+PAPER_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+PAPER_ROWS: dict[str, dict[float, str]] = {
+    "image_auroc": {
+        0.25: "99.1 100 99.5 98.1 98.7 98.2 100 100 100 96.6 98.1 98.7 100 100 99.2 99.4",
+        0.1: "99.0 100 99.4 97.8 98.7 97.9 100 100 100 96.0 97.0 98.9 99.7 100 99.0 99.5",
+        0.01: "99.0 100 99.3 98.0 98.0 98.6 100 100 99.7 97.0 96.4 99.4 100 99.9 99.2 99.2",
+    },
+    "pixel_auroc": {
+        0.25: "98.1 98.6 98.4 98.8 99.0 98.7 98.7 99.3 98.4 97.4 99.4 95.6 98.7 96.3 95.0 98.8",
+        0.1: "98.1 98.6 98.5 98.9 99.1 98.7 98.7 99.3 98.4 97.6 99.4 95.9 98.7 96.4 95.1 98.9",
+        0.01: "98.0 98.5 98.2 98.8 98.9 98.6 98.6 99.3 98.4 97.1 99.2 96.1 98.5 94.9 95.1 98.8",
+    },
+    "pro": {
+        0.25: "93.4 96.2 92.5 95.5 96.6 96.0 93.8 98.9 91.4 93.2 97.9 87.3 91.5 83.7 89.4 97.1",
+        0.1: "93.5 96.1 92.6 95.5 96.6 95.9 93.9 98.9 91.3 94.1 97.9 87.4 91.4 83.5 89.6 97.1",
+        0.01: "93.1 95.9 91.6 95.5 96.5 96.1 93.8 98.9 91.2 92.9 97.1 88.3 90.2 81.2 89.5 97.0",
+    },
+}
+PAPER_SOURCE = ("Roth et al., Towards Total Recall in Industrial Anomaly Detection (CVPR 2022), "
+                "supplementary Tables S1-S3: WideResNet50 layer2+layer3, 256 -> 224 px")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig(PipelineFlags, ModelFlags):
+    """Fit, score and evaluate each MVTec AD category; write benchmark.md and benchmark.json."""
+
+    root: str = _cli.arg("MVTec AD root (category folders), or one category folder")
+    out: str = _cli.arg("folder for <category>/{bank,results,report}, benchmark.md and benchmark.json")
+    categories: str = _cli.arg("comma-separated categories to run; '' = every category under --root", "")
+    ratio: float | None = _cli.arg("coreset: fraction of all patches kept; 0.1 if no --size", None)
+    size: int | None = _cli.arg("coreset: number of patches kept, instead of --ratio", None)
+    seed: int = _cli.arg("seed of the coreset's projection and first selected patch", 0)
+    maps: bool = _cli.arg("also write 8-bit PNG maps and masks per test image (raw maps are always "
+                          "written, for the metrics)", True)
+
+    def __post_init__(self) -> None:
+        if not self.root or not self.out:
+            raise ValueError("--root and --out must be non-empty paths or URIs")
+        if self.categories and not self.category_list:
+            raise ValueError(f"--categories {self.categories!r} names no category; e.g. bottle,cable")
+        self.fit_config("category", "train")  # the fit job's checks of the model and coreset flags
+
+    @property
+    def category_list(self) -> list[str]:
+        return list(dict.fromkeys(c.strip() for c in self.categories.split(",") if c.strip()))
+
+    @property
+    def effective_ratio(self) -> float | None:
+        return self.ratio if self.ratio is not None or self.size is not None else 0.1
+
+    def _shared(self, base: type) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(base)}
+
+    def fit_config(self, category: str, train: str) -> fit.FitConfig:
+        return fit.FitConfig(
+            **self._shared(ModelFlags), **self._shared(PipelineFlags), train=train,
+            out=work_uri(self.out, category, "bank"), ratio=self.ratio, size=self.size, seed=self.seed,
+        )
+
+    def score_config(self, category: str, test: str) -> score.ScoreConfig:
+        return score.ScoreConfig(
+            **self._shared(PipelineFlags), bank=work_uri(self.out, category, "bank"), images=test,
+            out=work_uri(self.out, category, "results"), maps=self.maps, raw_maps=True,
+        )
+
+    def evaluate_config(self, category: str, dataset: str) -> evaluate.EvaluateConfig:
+        return evaluate.EvaluateConfig(
+            results=work_uri(self.out, category, "results"), dataset=dataset,
+            out=work_uri(self.out, category, "report"), maps="raw",
+            storage_options=self.storage_options, overwrite=self.overwrite,
+        )
+
+
+def work_uri(out: str, category: str, name: str) -> str:
+    """<out>/<category>/<name>: a category's bank, results or report folder."""
+    return storage.join_uri(out, category, name)
+
+
+def category_folder(category: datasets.Category) -> str:
+    """The folder holding train/, test/ and ground_truth/ (test items: <folder>/test/<defect>/<file>)."""
+    return category.test[0].uri.rsplit("/", 3)[0]
+
+
+def select_categories(found: dict[str, datasets.Category], wanted: Sequence[str], root: str
+                      ) -> list[datasets.Category]:
+    """The requested categories (all when `wanted` is empty), in dataset order."""
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise ValueError(f"--categories {missing} not found under {root}; found: {', '.join(found)}")
+    return [c for name, c in found.items() if not wanted or name in wanted]
+
+
+# --------------------------------------------------------------------------- paper reference
+
+
+def paper_reference(ratio: float | None, categories: Sequence[str]) -> dict[str, Any] | None:
+    """The paper's numbers (in %) for the PatchCore variant of `ratio`, or None.
+
+    None when `ratio` is not 0.25, 0.1 or 0.01, or no category is an MVTec AD category. `mean` is the
+    paper's Avg column, given only when `categories` are all 15 (the paper averages over all).
+    """
+    if ratio not in PAPER_ROWS["image_auroc"] or not set(categories) & set(PAPER_CATEGORIES):
+        return None
+    table = {k: [float(v) for v in rows[ratio].split()] for k, rows in PAPER_ROWS.items()}
+    per_category = {
+        name: {k: values[1 + PAPER_CATEGORIES.index(name)] for k, values in table.items()}
+        for name in categories if name in PAPER_CATEGORIES
+    }
+    complete = set(categories) == set(PAPER_CATEGORIES)
+    return {
+        "variant": f"PatchCore-{ratio * 100:g}%",
+        "unit": "percent",
+        "source": PAPER_SOURCE,
+        "categories": per_category,
+        "mean": {k: values[0] for k, values in table.items()} if complete else None,
+    }
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean row: metrics and times averaged over categories (None values skipped); images/s
+    is all scored images over all score seconds."""
+    mean = {k: _mean([r[k] for r in rows.values()]) for k in (*METRICS, "fit_s", "score_s")}
+    timed = [r for r in rows.values() if r["score_s"] is not None]
+    seconds = sum(r["score_s"] for r in timed)
+    mean["images_per_s"] = sum(r["test_images"] for r in timed) / seconds if seconds > 0 else None
+    return mean
+
+
+def _cell(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """benchmark.md: the paper's Tables 1-3 side by side (in %), plus fit and score times."""
+    paper = result["paper"]
+    head = ["category", "image AUROC", "pixel AUROC", "PRO"]
+    if paper:
+        head = ["category", "image AUROC", "paper", "pixel AUROC", "paper", "PRO", "paper"]
+    head += ["fit s", "score s", "images/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    named = [*result["categories"].items(), ("mean", result["mean"])]
+    for name, row in named:
+        if paper:
+            reference = paper["mean"] if name == "mean" else paper["categories"].get(name)
+            cells = [c for k in METRICS
+                     for c in (_cell(row[k], 100), _cell(reference[k] if reference else None))]
+        else:
+            cells = [_cell(row[k], 100) for k in METRICS]
+        cells += [_cell(row["fit_s"]), _cell(row["score_s"]), _cell(row["images_per_s"])]
+        label = f"**{name}**" if name == "mean" else name
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    settings = result["settings"]
+    notes = [
+        (f"PatchCore on {result['root']}: {settings['backbone']} ({settings['layers']}), "
+         f"{settings['resize']} -> {settings['crop']} px, embed dim {settings['embed_dim']}, "
+         f"coreset {settings['coreset']}, device {result['device']}."),
+        ("AUROC and PRO in % as in the paper's Tables 1-3 (PRO integrated to FPR 0.3, normalised; "
+         "pixel metrics on raw crop-space maps). Times: wall-clock seconds of the fit job (extract, "
+         "coreset, calibration) and the score job, Ray start-up of their actors included; "
+         "'-' = done by an earlier run that recorded no time. Mean row: mean over categories; "
+         "its images/s is all scored images over all score seconds."),
+    ]
+    if paper:
+        notes.append(f"paper = {paper['variant']} from {paper['source']}; its mean is the paper's "
+                     "average over all 15 categories, shown only when all 15 were run.")
+    title = f"# PatchCore benchmark: {result['suite']}"
+    return "\n".join([title, "", *lines]) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+# --------------------------------------------------------------------------- job
+
+
+def _timed(step: Any, config: Any, folder: str, saved: float | None, options: dict[str, Any]
+           ) -> tuple[int, float | None]:
+    """(exit status, seconds) of `step.run(config)`; a no-op on a committed folder keeps `saved`."""
+    was_committed = storage.is_committed(folder, options) and not config.overwrite
+    started = time.monotonic()
+    status = step.run(config)
+    return status, (saved if was_committed else time.monotonic() - started)
+
+
+def run_category(config: BenchmarkConfig, category: datasets.Category, options: dict[str, Any]
+                 ) -> tuple[int, dict[str, Any]]:
+    """Fit, score and evaluate one category; (exit status, its table row)."""
+    name, folder = category.name, category_folder(category)
+    timing_uri = storage.join_uri(config.out, name, TIMING_FILE)
+    saved = (json.loads(storage.read_bytes(timing_uri, options)) if storage.exists(timing_uri, options)
+             else {"fit_s": None, "score_s": None})
+    status, saved["fit_s"] = _timed(fit, config.fit_config(name, storage.join_uri(folder, "train", "good")),
+                                    work_uri(config.out, name, "bank"), saved["fit_s"], options)
+    storage.write_bytes(timing_uri, json.dumps(saved).encode(), options)
+    if status:
+        return status, {}
+    status, saved["score_s"] = _timed(score, config.score_config(name, storage.join_uri(folder, "test")),
+                                      work_uri(config.out, name, "results"), saved["score_s"], options)
+    storage.write_bytes(timing_uri, json.dumps(saved).encode(), options)
+    if status:
+        return status, {}
+    evaluate.run(config.evaluate_config(name, folder))  # a no-op when the report is complete
+    report = work_uri(config.out, name, "report")
+    metrics = json.loads(storage.read_bytes(storage.join_uri(report, "metrics.json"), options))
+    scored = storage.read_manifest(work_uri(config.out, name, "results"), "results", options)["counts"]
+    bank = storage.read_manifest(work_uri(config.out, name, "bank"), "bank", options)["counts"]
+    row = {
+        **{k: metrics["categories"][name][k] for k in METRICS},
+        "fit_s": saved["fit_s"],
+        "score_s": saved["score_s"],
+        "images_per_s": (scored["scored"] / saved["score_s"]
+                         if saved["score_s"] and saved["score_s"] > 0 else None),
+        "train_images": len(category.train),
+        "test_images": scored["scored"],
+        "bank_entries": bank["num_entries"],
+        "report": storage.join_uri(report, "report.md"),
+    }
+    return 0, row
+
+
+def run(config: BenchmarkConfig) -> int:
+    """The benchmark; returns the exit status (non-zero when a job failed)."""
+    log.info("config %s", _cli.config_json(config))
+    options = _cli.parse_storage_options(config.storage_options)
+    found = datasets.read_mvtec(config.root, options)
+    selected = select_categories(found, config.category_list, config.root)
+    log.info("benchmark mvtec: %d categories: %s", len(selected), ", ".join(c.name for c in selected))
+    if config.dry_run:
+        for c in selected:
+            print(f"{c.name}: {len(c.train)} train, {len(c.test)} test images in {category_folder(c)} "
+                  f"-> {storage.join_uri(config.out, c.name)}")
+        return 0
+    rows: dict[str, dict[str, Any]] = {}
+    with _ray.ray_session():  # one Ray for every job instead of one per job
+        device = resolve_device(config.device)
+        for i, category in enumerate(selected):
+            log.info("benchmark category %d/%d: %s", i + 1, len(selected), category.name)
+            status, rows[category.name] = run_category(config, category, options)
+            if status:
+                log.error("category %s failed (exit status %d); fix it and rerun to resume",
+                          category.name, status)
+                return status
+    spec = config.model_spec()
+    coreset = f"size {config.size}" if config.size is not None else f"ratio {config.effective_ratio:g}"
+    result = {
+        "suite": "mvtec",
+        "root": config.root,
+        "device": device,
+        "settings": {"backbone": spec.backbone, "layers": ",".join(spec.layers), "resize": spec.resize,
+                     "crop": spec.crop, "embed_dim": spec.embed_dim, "coreset": coreset},
+        "categories": rows,
+        "mean": summarise(rows),
+        "paper": paper_reference(config.effective_ratio, list(rows)),
+        "config": _cli.config_dict(config),
+        "versions": storage.package_versions(),
+    }
+    text = markdown(result)
+    storage.write_bytes(storage.join_uri(config.out, "benchmark.json"),
+                        json.dumps(result, indent=2, allow_nan=False).encode(), options)
+    storage.write_bytes(storage.join_uri(config.out, "benchmark.md"), text.encode(), options)
+    print(text)
+    print(f"written: {storage.join_uri(config.out, 'benchmark.md')} and benchmark.json")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`patchcore benchmark SUITE [flags]`; SUITE is `mvtec`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in SUITES:
+        usage = "usage: patchcore benchmark SUITE [--help] [flags]\nsuites: " + ", ".join(SUITES)
+        usage += "\n`patchcore benchmark mvtec --help` lists the flags and defaults."
+        if args and args[0] in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        got = f"got {args[0]!r}" if args else "none given"
+        print(f"{usage}\npatchcore benchmark: error: the first argument is the suite "
+              f"({', '.join(SUITES)}); {got}", file=sys.stderr)
+        raise SystemExit(2)
+    config = _cli.parse_config(BenchmarkConfig, args[1:], prog="patchcore benchmark mvtec")
+    _ray.setup_logging()
+    status = run(config)
+    if status:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
