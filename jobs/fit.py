@@ -22,6 +22,7 @@ import torch
 from jobs import _cli, _ray
 from jobs import coreset as coreset_job
 from jobs._shards import (
+    OutputFolder,
     PipelineFlags,
     check_pipeline_flags,
     failed,
@@ -77,8 +78,8 @@ class FitConfig(PipelineFlags, ModelFlags):
         return coreset_job.CoresetConfig(
             features=self.features_uri, out=self.out, ratio=self.ratio, size=self.size,
             projection_dim=self.projection_dim, seed=self.seed, workers=self.workers,
-            cpus_per_worker=self.cpus_per_worker, device=self.device, overwrite=self.overwrite,
-            dry_run=self.dry_run, storage_options=self.storage_options,
+            cpus_per_worker=self.cpus_per_worker, device=self.device, retries=self.retries,
+            overwrite=self.overwrite, dry_run=self.dry_run, storage_options=self.storage_options,
         )
 
 
@@ -149,38 +150,43 @@ def run(cfg: FitConfig) -> int:
         extract_images(train, cfg.features_uri, spec, cfg, feature_dtype=cfg.feature_dtype,
                        inputs=cfg.train, config=_cli.config_dict(cfg))  # logs the plan only
         return 0
-    with _ray.ray_session():
-        store = extract_images(train, cfg.features_uri, spec, cfg, feature_dtype=cfg.feature_dtype,
-                               inputs=cfg.train, config=_cli.config_dict(cfg))
-        assert store is not None
-        if failed(store["counts"], cfg.max_failures, "extracted"):
-            log.error("no bank built; raise --max-failures to build it without those images")
-            return 2
-        coreset_job.run(cfg.coreset_config())
-        bank = storage.load_bank(cfg.out, spec, options)
-        calibration: dict[str, Any] = {"images": len(held_out), "errors": 0, "target_fpr": cfg.target_fpr}
-        thresholds: dict[str, float | None] = {"image_threshold": None, "pixel_threshold": None}
-        if held_out:
-            scores, maps, errors = calibrate(cfg, held_out, resolve_device(cfg.device))
-            calibration["errors"] = errors
-            if len(scores) == 0:
-                raise ValueError(f"none of the {len(held_out)} calibration images could be read; "
-                                 "see the warnings above")
-            thresholds = {
-                "image_threshold": scoring.threshold_for_fpr(torch.from_numpy(scores), cfg.target_fpr),
-                "pixel_threshold": scoring.threshold_for_fpr(torch.from_numpy(maps).reshape(-1),
-                                                             cfg.target_fpr),
-            }
-    errors = store["counts"]["errors"] + calibration["errors"]
-    status = 2 if failed({"errors": errors, "inputs": len(uris)}, cfg.max_failures, "used") else 0
-    fit_info = {"identity": identity, "status": status, "config": _cli.config_dict(cfg),
-                "train_images": len(train), "extract_errors": store["counts"]["errors"],
-                "calibration": calibration}
-    bank = dataclasses.replace(bank, **thresholds, info={**bank.info, "fit": fit_info})
-    storage.save_bank(cfg.out, bank, options)  # re-publishes the manifest last, with thresholds
-    log.info("bank %s committed: %d entries, image threshold %s, pixel threshold %s",
-             cfg.out, bank.size, thresholds["image_threshold"], thresholds["pixel_threshold"])
-    return status
+    # One fit per --out at a time; the feature store has its own lock (extract_images).
+    with OutputFolder(cfg.out, options).locked() as folder:
+        with _ray.ray_session():
+            store = extract_images(train, cfg.features_uri, spec, cfg,
+                                   feature_dtype=cfg.feature_dtype, inputs=cfg.train,
+                                   config=_cli.config_dict(cfg))
+            assert store is not None
+            if failed(store["counts"], cfg.max_failures, "extracted"):
+                log.error("no bank built; raise --max-failures to build it without those images")
+                return 2
+            coreset_job.run(cfg.coreset_config())
+            bank = storage.load_bank(cfg.out, spec, options)
+            calibration: dict[str, Any] = {"images": len(held_out), "errors": 0,
+                                           "target_fpr": cfg.target_fpr}
+            thresholds: dict[str, float | None] = {"image_threshold": None, "pixel_threshold": None}
+            if held_out:
+                scores, maps, errors = calibrate(cfg, held_out, resolve_device(cfg.device))
+                calibration["errors"] = errors
+                if len(scores) == 0:
+                    raise ValueError(f"none of the {len(held_out)} calibration images could be read; "
+                                     "see the warnings above")
+                image_scores, pixels = torch.from_numpy(scores), torch.from_numpy(maps).reshape(-1)
+                thresholds = {
+                    "image_threshold": scoring.threshold_for_fpr(image_scores, cfg.target_fpr),
+                    "pixel_threshold": scoring.threshold_for_fpr(pixels, cfg.target_fpr),
+                }
+        errors = store["counts"]["errors"] + calibration["errors"]
+        status = 2 if failed({"errors": errors, "inputs": len(uris)}, cfg.max_failures, "used") else 0
+        fit_info = {"identity": identity, "status": status, "config": _cli.config_dict(cfg),
+                    "train_images": len(train), "extract_errors": store["counts"]["errors"],
+                    "calibration": calibration}
+        bank = dataclasses.replace(bank, **thresholds, info={**bank.info, "fit": fit_info})
+        folder.verify_lock()  # only the run holding --out commits it
+        storage.save_bank(cfg.out, bank, options)  # re-publishes the manifest last, with thresholds
+        log.info("bank %s committed: %d entries, image threshold %s, pixel threshold %s",
+                 cfg.out, bank.size, thresholds["image_threshold"], thresholds["pixel_threshold"])
+        return status
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -181,9 +181,13 @@ def _write_shard(folder: OutputFolder, shard: Shard, columns: dict[str, np.ndarr
         "width": pa.array(columns["width"][ok], pa.int32()),
         "height": pa.array(columns["height"][ok], pa.int32()),
     })
-    storage.write_table(folder.join("scores", f"{shard.name}.parquet"), table, folder.options)
+    scores_file = f"scores/{shard.name}.parquet"
+    storage.write_table(folder.join(scores_file), table, folder.options)
     record = {"inputs": len(uris), "scored": int(ok.sum()), "errors": int((~ok).sum())}
-    folder.commit_shard(shard, record)
+    files = {scores_file: record["scored"]}
+    if record["errors"]:
+        files[f"errors/{shard.name}.parquet"] = record["errors"]
+    folder.commit_shard(shard, record, files)
     return record
 
 
@@ -228,45 +232,49 @@ def run(cfg: ScoreConfig) -> int:
     if cfg.dry_run:
         log.info("dry run: stopping before any work")
         return 0
-    folder.prepare(identity, cfg.overwrite, DATA_DIRS)
-    committed = folder.committed_shards(shards, lambda s: f"scores/{s.name}.parquet")
-    records = {i: folder.read_record(shards[i]) for i in sorted(committed)}
-    pending = [s for s in shards if s.index not in committed]
-    if committed:
-        log.info("resuming: %d of %d shards already committed", len(committed), len(shards))
-    if pending:  # else every shard is committed and only the manifest is missing
-        with _ray.ray_session():
-            device = resolve_device(cfg.device)
-            actor_kwargs = {"bank": cfg.bank, "device": device, "out": cfg.out, "maps": cfg.maps,
-                            "raw_maps": cfg.raw_maps, "return_maps": False, "storage_options": options}
-            for shard, columns in stream_shards(
-                pending, ScoreActor, actor_kwargs, cfg, device=device, resize=spec.resize,
-                crop=spec.crop, label="score", extra={"key": keys},
-                done_images=sum(len(shards[i].uris) for i in committed), total_images=len(uris),
-            ):
-                records[shard.index] = _write_shard(folder, shard, columns, image_threshold)
-    counts = {"inputs": len(uris), "scored": sum(r["scored"] for r in records.values()),
-              "errors": sum(r["errors"] for r in records.values())}
-    assert counts["inputs"] == counts["scored"] + counts["errors"], counts
-    manifest = {
-        "bank": _absolute(cfg.bank),
-        "spec": spec.to_json(),
-        "image_threshold": image_threshold,
-        "pixel_threshold": pixel_threshold,
-        "images": cfg.images,
-        "input_root": root,
-        "counts": counts,
-        "shards": len(shards),
-        "maps": {"png": cfg.maps, "mask": cfg.maps, "raw": cfg.raw_maps},
-        "map_scale": "png value v = round(clip(map / (2 * pixel_threshold), 0, 1) * 255)",
-        "identity": identity,
-        "config": _cli.config_dict(cfg),
-        "versions": storage.package_versions(),
-    }
-    storage.write_manifest(cfg.out, manifest, kind="results", storage_options=options)
-    folder.finish()
-    log.info("results %s committed: %s", cfg.out, counts)
-    return 2 if failed(counts, cfg.max_failures, "scored") else 0
+    with folder.locked():  # a second run into the same --out stops here (FolderLockedError)
+        folder.prepare(identity, cfg.overwrite, DATA_DIRS)
+        committed = folder.committed_shards(shards, lambda s: f"scores/{s.name}.parquet")
+        records = {i: folder.read_record(shards[i]) for i in sorted(committed)}
+        pending = [s for s in shards if s.index not in committed]
+        if committed:
+            log.info("resuming: %d of %d shards already committed", len(committed), len(shards))
+        if pending:  # else every shard is committed and only the manifest is missing
+            with _ray.ray_session():
+                device = resolve_device(cfg.device)
+                actor_kwargs = {"bank": cfg.bank, "device": device, "out": cfg.out,
+                                "maps": cfg.maps, "raw_maps": cfg.raw_maps, "return_maps": False,
+                                "storage_options": options}
+                for shard, columns in stream_shards(
+                    pending, ScoreActor, actor_kwargs, cfg, device=device, resize=spec.resize,
+                    crop=spec.crop, label="score", extra={"key": keys},
+                    done_images=sum(len(shards[i].uris) for i in committed),
+                    total_images=len(uris),
+                ):
+                    records[shard.index] = _write_shard(folder, shard, columns, image_threshold)
+        counts = {"inputs": len(uris), "scored": sum(r["scored"] for r in records.values()),
+                  "errors": sum(r["errors"] for r in records.values())}
+        assert counts["inputs"] == counts["scored"] + counts["errors"], counts
+        manifest = {
+            "bank": _absolute(cfg.bank),
+            "spec": spec.to_json(),
+            "image_threshold": image_threshold,
+            "pixel_threshold": pixel_threshold,
+            "images": cfg.images,
+            "input_root": root,
+            "counts": counts,
+            "shards": len(shards),
+            "maps": {"png": cfg.maps, "mask": cfg.maps, "raw": cfg.raw_maps},
+            "map_scale": "png value v = round(clip(map / (2 * pixel_threshold), 0, 1) * 255)",
+            "identity": identity,
+            "config": _cli.config_dict(cfg),
+            "versions": storage.package_versions(),
+        }
+        folder.verify_lock()  # the commit point: only the run holding the folder writes it
+        storage.write_manifest(cfg.out, manifest, kind="results", storage_options=options)
+        folder.finish()
+        log.info("results %s committed: %s", cfg.out, counts)
+        return 2 if failed(counts, cfg.max_failures, "scored") else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -131,15 +131,24 @@ def _crop_origin(width: int, height: int, crop: int) -> tuple[int, int]:
     return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
 
 
-def to_tensor(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
+def to_tensor(
+    image: Image.Image, resize: int, crop: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """RGB image -> (3, crop, crop) float32 backbone input.
 
     Shorter side resized to `resize` px (Pillow bilinear, which antialiases when shrinking),
     centre crop of `crop` px, then ImageNet mean/std normalisation of the [0, 1] values.
+    ValueError when the resized image would exceed `max_pixels` (an extreme aspect ratio such as
+    1 x 100000 px grows to resize x 100000 * resize before the crop).
     """
     if image.mode != "RGB":
         raise ValueError(f"to_tensor needs an RGB image, got mode {image.mode!r}; use decode_image")
     new_width, new_height = _resized_size(image.width, image.height, resize)
+    if new_width * new_height > max_pixels:
+        raise ValueError(
+            f"image of {image.width}x{image.height} would be resized to {new_width}x{new_height} "
+            f"> max_pixels={max_pixels} (extreme aspect ratio); crop it or raise max_pixels"
+        )
     left, top = _crop_origin(new_width, new_height, crop)
     resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     cropped = np.asarray(

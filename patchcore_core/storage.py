@@ -6,6 +6,7 @@ artifact folder) and the memory-bank artifact (features.npy + provenance.parquet
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -130,6 +131,130 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
             os.remove(tmp)
 
 
+def _is_s3(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
+
+
+def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+    """Create a file with `data` only if no file exists at `uri`; False if one does.
+
+    Atomic against a concurrent creator on a local filesystem (a fully written temporary file is
+    hard-linked to the name: link fails if the name exists) and on S3 (PUT with If-None-Match: *;
+    S3 and S3-compatible servers that implement conditional writes). Other fsspec backends fall
+    back to fsspec's check-then-write, which is not atomic.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if _is_local(fs):
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # atomic and exclusive: EEXIST when the name is taken
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return True
+    try:
+        fs.pipe_file(path, bytes(data), mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def _local_swap(path: str, expected: bytes, data: bytes | None) -> bool:
+    """Local compare-and-swap: replace (data) or delete (None) `path` if it holds `expected`.
+
+    flock on the current file serialises swappers; the inode check after locking catches a file
+    replaced by another swapper while this one waited for the lock.
+    """
+    import fcntl  # POSIX only; local output folders of a Ray job live on POSIX hosts
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    continue  # replaced while we waited: look at the new file
+            except FileNotFoundError:
+                return False
+            with os.fdopen(os.dup(fd), "rb") as f:
+                if f.read() != expected:
+                    return False
+            if data is None:
+                os.remove(path)
+            else:
+                write_bytes(path, data)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def replace_if_unchanged(
+    uri: str, data: bytes, expected: bytes, storage_options: dict[str, Any] | None = None
+) -> bool:
+    """Overwrite `uri` with `data` only if it still holds exactly `expected` (compare-and-swap).
+
+    True when replaced; False when the file is missing or holds something else. Atomic locally
+    (flock) and on S3 (PUT with If-Match: the ETag read together with `expected`); other backends
+    compare then write, which is not atomic.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if _is_local(fs):
+        return _local_swap(path, expected, data)
+    try:
+        etag = fs.info(path).get("ETag") if _is_s3(fs) else None
+        current = fs.cat_file(path)
+    except FileNotFoundError:
+        return False
+    if current != expected:
+        return False
+    if etag is None:
+        fs.pipe_file(path, bytes(data))
+        return True
+    try:
+        fs.pipe_file(path, bytes(data), IfMatch=etag)
+    except FileNotFoundError:
+        return False
+    except OSError as err:  # s3fs maps a failed If-Match (412 PreconditionFailed) to EINVAL
+        if err.errno == errno.EINVAL or isinstance(err, FileExistsError):
+            return False
+        raise
+    return True
+
+
+def remove_if_unchanged(
+    uri: str, expected: bytes, storage_options: dict[str, Any] | None = None
+) -> bool:
+    """Delete `uri` only if it holds exactly `expected`; True when deleted.
+
+    Atomic locally (flock); on object stores a compare then delete (a small window remains).
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    if _is_local(fs):
+        return _local_swap(path, expected, None)
+    try:
+        if fs.cat_file(path) != expected:
+            return False
+        fs.rm_file(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- image listings
 
 
@@ -229,6 +354,22 @@ def read_table(
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=list(columns) if columns is not None else None)
     return table
+
+
+def parquet_num_rows(uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Row count from a Parquet file's footer (reads only the footer).
+
+    ValueError when the file is not readable Parquet (e.g. truncated: no footer); FileNotFoundError
+    when it is missing.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return int(pq.read_metadata(f).num_rows)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{uri} is not a readable Parquet file: {err}") from err
 
 
 def write_feature_shard(
