@@ -30,8 +30,9 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import _cli, _shards, cli, extract, fit, score
-from jobs._shards import FolderLockedError, OutputFolder, RunLock
+from jobs import _cli, _lock, cli, extract, fit, score
+from jobs._lock import FolderLockedError, RunLock
+from jobs._shards import OutputFolder
 from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.spec import ModelSpec
 
@@ -444,7 +445,7 @@ def test_exclusive_create_and_compare_and_swap(where: str, tmp_path: Path,
 def test_heartbeat_renews_the_lock_and_notices_a_takeover(
     where: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shards, "LOCK_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(_lock, "LOCK_HEARTBEAT_S", 0.05)
     folder = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_server')}/beat"
     uri = storage.join_uri(folder, "_lock.json")
     lock = RunLock(uri, {})
@@ -478,7 +479,7 @@ def test_lock_of_a_dead_run_is_taken_over_and_a_live_one_refused(tmp_path: Path)
     first = OutputFolder(str(tmp_path), {})
     first.acquire_lock()
     first.release_lock()
-    _write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - _shards.LOCK_LEASE_S - 5)
+    _write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - _lock.LOCK_LEASE_S - 5)
     second = OutputFolder(str(tmp_path), {})
     second.acquire_lock()  # another host, heartbeat past the lease
     second.release_lock()
