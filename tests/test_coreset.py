@@ -181,3 +181,154 @@ def test_greedy_on_cuda_equals_cpu() -> None:
     assert torch.equal(cpu.indices, gpu.indices)
     assert gpu.radius == cpu.radius
     assert math.isfinite(cpu.radius)
+
+
+# --- MinDistances (lazy, pruned) against the plain loop that updates every row at every step ---
+
+
+def plain_greedy(points: torch.Tensor, num_samples: int, start: int) -> tuple[list[int], torch.Tensor]:
+    """The paper code's loop: every step updates every row's min distance; (indices, min_sq)."""
+    min_sq = torch.full((len(points),), math.inf)
+    chosen, index = [], start
+    for _ in range(num_samples):
+        chosen.append(index)
+        min_sq = torch.minimum(min_sq, coreset.sq_distances_to(points, points[index]))
+        min_sq[index] = coreset.SELECTED
+        _, index = coreset.local_argmax(min_sq, 0)
+    return chosen, min_sq
+
+
+def structured_points(kind: str, seed: int, num_points: int, dim: int) -> torch.Tensor:
+    """Seeded test sets: isotropic, clustered with exact duplicates, lattice ties, low intrinsic
+    dimension, far from the origin, and tiny values (squares near float32 underflow)."""
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        x = rng.standard_normal((num_points, dim))
+    elif kind == "clusters":
+        centres = rng.standard_normal((8, dim)) * 5
+        x = centres[rng.integers(0, 8, num_points)] + rng.standard_normal((num_points, dim)) * 0.1
+        x[rng.integers(0, num_points, num_points // 4)] = x[0]  # many exact duplicates
+    elif kind == "lattice":
+        x = rng.integers(0, 3, size=(num_points, dim)).astype(np.float64)  # many equal distances
+    elif kind == "low_dim":
+        latent = rng.standard_normal((num_points, 3))
+        x = np.sin(latent @ rng.standard_normal((3, dim)))
+    elif kind == "far":
+        x = 1e4 + rng.standard_normal((num_points, dim)) * 1e-2  # |x| >> distances
+    elif kind == "tiny":
+        x = rng.standard_normal((num_points, dim)) * 1e-19  # squared differences underflow
+    else:
+        raise AssertionError(kind)
+    return torch.from_numpy(x.astype(np.float32))
+
+
+KINDS = ["gaussian", "clusters", "lattice", "low_dim", "far", "tiny"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_equals_plain_loop_indices_and_min_distances(kind: str, seed: int) -> None:
+    points = structured_points(kind, seed, 600, 24)
+    expected, expected_min_sq = plain_greedy(points, 150, start=seed * 7)
+    state = coreset.MinDistances(points, window=16, block_rows=32)
+    chosen, index = [], seed * 7
+    for step in range(150):
+        chosen.append(index)
+        state.add_centre(state.row(index), index)
+        _, index = state.argmax(0)
+    assert chosen == expected
+    assert torch.equal(state.min_sq, expected_min_sq)  # bit-identical, SELECTED rows included
+    result = coreset.greedy_coreset(points, 150, start=seed * 7)
+    assert result.indices.tolist() == expected
+    assert result.radius == math.sqrt(max(0.0, float(expected_min_sq.max())))
+
+
+@pytest.mark.parametrize(("window", "block_rows"), [(1, 1), (5, 7), (64, 512)])
+def test_min_distances_match_plain_vector_after_every_step(window: int, block_rows: int) -> None:
+    points = structured_points("clusters", 3, 300, 8)
+    state = coreset.MinDistances(points, window=window, block_rows=block_rows)
+    min_sq = torch.full((300,), math.inf)
+    index = 11
+    for _ in range(40):
+        value, proposed = state.argmax(0)  # read before the queue is flushed by min_sq
+        assert (value, proposed) == coreset.local_argmax(min_sq, 0)
+        state.add_centre(points[index], index)
+        min_sq = torch.minimum(min_sq, coreset.sq_distances_to(points, points[index]))
+        min_sq[index] = coreset.SELECTED
+        assert torch.equal(state.min_sq, min_sq)
+        _, index = coreset.local_argmax(min_sq, 0)
+
+
+@pytest.mark.parametrize("num_parts", [1, 3])
+def test_row_partitions_with_all_gather_rule_select_like_one_process(num_parts: int) -> None:
+    # what the distributed job does: each part proposes argmax(offset), the winner is the largest
+    # value then the smallest global row, every part adds the winner (owner marks it SELECTED)
+    points = structured_points("lattice", 5, 500, 6)
+    edges = np.linspace(0, 500, num_parts + 1, dtype=int)
+    parts = [(lo, coreset.MinDistances(points[lo:hi], window=8)) for lo, hi in zip(edges[:-1], edges[1:])]
+    chosen, index = [], 123
+    for _ in range(120):
+        chosen.append(index)
+        for lo, part in parts:
+            local = index - lo
+            part.add_centre(points[index], local if 0 <= local < part.num_rows else None)
+        proposals = [part.argmax(lo) for lo, part in parts]
+        index = min(proposals, key=lambda p: (-p[0], p[1]))[1]
+    expected, expected_min_sq = plain_greedy(points, 120, start=123)
+    assert chosen == expected
+    assert torch.equal(torch.cat([part.min_sq for _, part in parts]), expected_min_sq)
+
+
+def test_greedy_stays_exact_with_reduced_precision_matmul() -> None:
+    # TF32/bf16 matmul makes the BLAS bound coarse; the margin must widen, not the result change
+    points = structured_points("low_dim", 2, 800, 32)
+    expected, _ = plain_greedy(points, 100, start=3)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        result = coreset.greedy_coreset(points, 100, start=3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert result.indices.tolist() == expected
+
+
+def test_medium_low_dimensional_set_is_exact_and_prunes_most_pairs() -> None:
+    torch.manual_seed(0)
+    latent = torch.randn(20_000, 4)
+    points = torch.sin(latent @ torch.randn(4, 128)) @ coreset.projection_matrix(128, 128, 0)
+    expected, expected_min_sq = plain_greedy(points, 200, start=coreset.first_index(20_000, 0))
+    state = coreset.MinDistances(points)
+    chosen, index = [], expected[0]
+    for _ in range(200):
+        chosen.append(index)
+        state.add_centre(state.row(index), index)
+        _, index = state.argmax(0)
+    assert chosen == expected
+    assert torch.equal(state.min_sq, expected_min_sq)
+    assert state.pairs_computed < 0.2 * 20_000 * 200  # the plain loop computes all 4,000,000
+
+
+def test_min_distances_reject_non_finite_points_and_bad_sizes() -> None:
+    points = torch.zeros(10, 3)
+    points[4, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        coreset.MinDistances(points)
+    with pytest.raises(ValueError, match=r"got \(0, 3\)"):
+        coreset.MinDistances(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="got 0 and 256"):
+        coreset.MinDistances(torch.zeros(4, 3), window=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_min_distances_on_cuda_with_tf32_equal_cpu() -> None:
+    points = structured_points("low_dim", 4, 20_000, 128)
+    expected = coreset.greedy_coreset(points, 300, start=9)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # coarse BLAS bound: margins must follow
+    try:
+        result = coreset.greedy_coreset(points.cuda(), 300, start=9)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert torch.equal(result.indices, expected.indices)
+    assert result.radius == expected.radius
