@@ -35,7 +35,6 @@ CHECKPOINT = "_checkpoint/coreset.json"
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_RATIO = 0.1
 # Elements of the (rows, d) temporary in one min-distance update: 16 MiB on CPU, 256 MiB on GPU.
-_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
@@ -192,8 +191,8 @@ class CoresetWorker:
             self.projected[lo : lo + rows] = features.to(self.device) @ projection
             lo += rows
             del features
-        self.min_sq = torch.full((lo,), math.inf, device=self.device)
-        self.block = max(1, _BLOCK_ELEMENTS[self.device.type] // projection_dim)
+        # exact pruned min-distance state over these rows (same floats as the plain loop)
+        self.state = coreset.MinDistances(self.projected)
 
     def num_rows(self) -> int:
         return int(self.projected.shape[0])
@@ -217,24 +216,19 @@ class CoresetWorker:
 
     def _add_centre(self, centre: torch.Tensor, index: int) -> None:
         """min_sq <- min(min_sq, |x - centre|^2) row-wise; row `index` (global) marked SELECTED."""
-        for lo in range(0, len(self.min_sq), self.block):
-            part = self.min_sq[lo : lo + self.block]
-            torch.minimum(part, coreset.sq_distances_to(self.projected[lo : lo + self.block], centre),
-                          out=part)
         local = index - self.offset
-        if 0 <= local < len(self.min_sq):
-            self.min_sq[local] = coreset.SELECTED
+        self.state.add_centre(centre, local if 0 <= local < self.num_rows() else None)
 
     def reset(self, chosen: list[int]) -> None:
         """Min distances to the centres `chosen` (global rows), recomputed exactly (for resuming)."""
-        self.min_sq.fill_(math.inf)
+        self.state.reset()
         width = self.projected.shape[1]
         for lo in range(0, len(chosen), 4096):
             batch = chosen[lo : lo + 4096]
             # every centre row is filled by its owner and zero elsewhere: the sum is exact
             centres = torch.zeros(len(batch), width, device=self.device)
             for j, index in enumerate(batch):
-                if 0 <= index - self.offset < len(self.min_sq):
+                if 0 <= index - self.offset < self.num_rows():
                     centres[j] = self.projected[index - self.offset]
             dist.all_reduce(centres, op=dist.ReduceOp.SUM)
             for j, index in enumerate(batch):
@@ -247,7 +241,7 @@ class CoresetWorker:
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         chosen = []
         for _ in range(num_steps):
-            value, index = coreset.local_argmax(self.min_sq, self.offset)
+            value, index = self.state.argmax(self.offset)
             # proposal = (value, global row, projected vector); float32 -> float64 is exact
             mine[0], mine[1] = value, index
             mine[2:] = self.projected[index - self.offset]
@@ -263,7 +257,7 @@ class CoresetWorker:
 
     def radius(self) -> float:
         """Coverage radius: max over all N rows of the distance to the nearest centre."""
-        local = self.min_sq.clamp(min=0).max().to(torch.float64).reshape(1)
+        local = torch.tensor([max(0.0, self.state.max_sq())], dtype=torch.float64, device=self.device)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         return math.sqrt(float(local))
 
