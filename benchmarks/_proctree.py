@@ -46,26 +46,28 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _read(pid: int) -> tuple[str, int, int, float] | None:
-    """(role, rss bytes, pss bytes, cpu seconds) of one process; None if it is gone."""
+def _read(pid: int) -> tuple[str, int, int, int, float] | None:
+    """(role, rss, pss, anonymous rss (bytes), cpu seconds) of one process; None if it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        pss = rss = 0
+        pss = rss = anon = 0
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
                 if line.startswith(b"Rss:"):
                     rss = int(line.split()[1]) * 1024
                 elif line.startswith(b"Pss:"):
                     pss = int(line.split()[1]) * 1024
+                elif line.startswith(b"Anonymous:"):  # private heap, not shared memory (object store)
+                    anon = int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return None
     fields = stat[stat.rindex(b")") + 2 :].split()
     cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
     role = "worker" if cmd.startswith("ray::") else "ray" if ("ray" in cmd or "raylet" in cmd) else "other"
-    return role, rss, pss, cpu
+    return role, rss, pss, anon, cpu
 
 
 @dataclass
@@ -77,6 +79,8 @@ class TreeStats:
     driver_rss: int = 0
     worker_rss: int = 0  # ray:: processes (tasks and actors)
     ray_rss: int = 0  # raylet, gcs, dashboard agents
+    driver_anon: int = 0  # anonymous (private heap) part of the driver's RSS
+    worker_anon: int = 0  # ... of the largest Ray worker's
     pss_total: int = 0
     worker_pss_total: int = 0
     cpu_s: dict[int, float] = field(default_factory=dict)  # last seen cumulative CPU per pid
@@ -112,14 +116,16 @@ class TreeSampler(threading.Thread):
             info = _read(pid)
             if info is None:
                 continue
-            role, rss, pss, cpu = info
+            role, rss, pss, anon, cpu = info
             stats.cpu_s[pid] = cpu
             stats.roles[pid] = "driver" if pid == self.root else role
             pss_total += pss
             if pid == self.root:
                 stats.driver_rss = max(stats.driver_rss, rss)
+                stats.driver_anon = max(stats.driver_anon, anon)
             elif role == "worker":
                 stats.worker_rss = max(stats.worker_rss, rss)
+                stats.worker_anon = max(stats.worker_anon, anon)
                 worker_pss += pss
             else:
                 stats.ray_rss = max(stats.ray_rss, rss)

@@ -2,13 +2,18 @@
 
 For each backbone, on the same synthetic images and batch size, in one run:
   forward  the backbone alone (FeatureExtractor up to the deepest layer) on preprocessed tensors,
-           in this process with torch's default threads: the machine's limit for the stage;
+           in this process on 1 thread and on all: the best is the machine's limit for the stage;
   embed    forward + locally aware patch aggregation (features.embed, paper §3.1): the least work
            that produces the features the job stores;
-  job      `python -m jobs extract` (local Ray: decode tasks + a model actor + driver writing
-           Parquet), steady state = images of the shards committed after the first one over the
-           time between the first and the last commit (Ray start-up and model loading excluded).
-The bare rates are measured before and after the job and averaged (the machine is shared).
+  job      `python -m jobs extract` on a local Ray (decode tasks, a model actor, the driver writing
+           Parquet). Steady state: least-squares slope of committed images against the shard
+           commit times, after the first commit (Ray start-up and model loading excluded), and
+           the CPU seconds per image of all its processes between the first and last commit;
+  split    CPU ms per image of each step (read, decode, preprocess, forward, aggregate, float16,
+           parquet) in this process on 1 thread: where the job's time goes.
+The bare rates are measured before and after the jobs and averaged. On a shared machine wall
+rates swing with the load; CPU seconds per image (bare embed over job: 1 = no work beyond embed)
+are the steadier comparison. Ray workers run at nice 0 here, like the bare pass (Ray: 15).
 
     python -m benchmarks.extract_bench                     # both backbones, default sizes
     python -m benchmarks.extract_bench --backbones efficientnet_lite0 --images 96 --batch-size 16
@@ -25,7 +30,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +107,7 @@ def stage_split(paths: Sequence[str], extractor: backbone.FeatureExtractor, spec
     parquet (storage.write_feature_shard of the batch, as the driver writes a shard)."""
     cpu: dict[str, float] = {}
 
-    def timed(key: str, fn):  # noqa: ANN001, ANN202 - a local stopwatch
+    def timed(key: str, fn: Callable[[], Any]) -> Any:
         start = time.process_time()
         result = fn()
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start

@@ -33,6 +33,9 @@ from patchcore_core import storage
 from patchcore_core.spec import ModelSpec, default_layers
 
 PROJECTION_DIM = 128
+# TreeStats fields in the tables, and their headings
+COLUMNS = ("driver_rss", "driver_anon", "worker_rss", "worker_anon", "worker_pss_total", "pss_total")
+HEADINGS = ("driver RSS", "driver anon", "worker RSS", "worker anon", "workers PSS", "all PSS")
 
 
 def run(argv: Sequence[str], worker_niceness: int) -> RunResult:
@@ -67,6 +70,7 @@ def peaks(result: RunResult, **size: int) -> dict[str, float]:
     """JSON-able peaks of one run (bytes) with its size (images=... or rows=...)."""
     s = result.stats
     return {**size, "wall_s": result.wall_s, "driver_rss": s.driver_rss, "worker_rss": s.worker_rss,
+            "driver_anon": s.driver_anon, "worker_anon": s.worker_anon,
             "workers_pss": s.worker_pss_total, "all_pss": s.pss_total}
 
 
@@ -74,15 +78,11 @@ def image_rows(stage: str, counts: Sequence[int], results: Sequence[RunResult]) 
     lines = []
     for count, result in zip(counts, results):
         s = result.stats
-        lines.append(f"{stage:<8}{count:>9}{result.wall_s:>8.0f}{s.driver_rss / MIB:>12.0f}"
-                     f"{s.worker_rss / MIB:>12.0f}{s.worker_pss_total / MIB:>12.0f}"
-                     f"{s.pss_total / MIB:>12.0f}")
-    growth = results[-1].stats.pss_total / max(1, results[0].stats.pss_total)
-    lines.append(f"{'':<8}{'10x/1x':>9}{'':>8}"
-                 f"{results[-1].stats.driver_rss / max(1, results[0].stats.driver_rss):>12.2f}"
-                 f"{results[-1].stats.worker_rss / max(1, results[0].stats.worker_rss):>12.2f}"
-                 f"{results[-1].stats.worker_pss_total / max(1, results[0].stats.worker_pss_total):>12.2f}"
-                 f"{growth:>12.2f}")
+        lines.append(f"{stage:<8}{count:>9}{result.wall_s:>8.0f}" + "".join(
+            f"{getattr(s, key) / MIB:>12.0f}" for key in COLUMNS))
+    first, last = results[0].stats, results[-1].stats
+    lines.append(f"{'':<8}{'last/first':>9}{'':>8}" + "".join(
+        f"{getattr(last, key) / max(1, getattr(first, key)):>12.2f}" for key in COLUMNS))
     return lines
 
 
@@ -159,9 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for rows, result in zip(sizes, results):
                 s = result.stats
                 coreset_lines.append(
-                    f"{rows:>9}{result.wall_s:>8.0f}{s.driver_rss / MIB:>12.0f}{s.worker_rss / MIB:>12.0f}"
-                    f"{s.worker_pss_total / MIB:>12.0f}{s.pss_total / MIB:>12.0f}"
-                    f"{rows * PROJECTION_DIM * 4 / MIB:>12.0f}{rows * spec.embed_dim * 2 / MIB:>12.0f}")
+                    f"{rows:>9}{result.wall_s:>8.0f}" + "".join(f"{getattr(s, key) / MIB:>12.0f}" for key in COLUMNS)
+                    + f"{rows * PROJECTION_DIM * 4 / MIB:>12.0f}{rows * spec.embed_dim * 2 / MIB:>12.0f}")
             record["coreset"] = [peaks(result, rows=n) for n, result in zip(sizes, results)]
             (n1, r1), (n2, r2) = (sizes[0], results[0]), (sizes[-1], results[-1])
             per_row = (r2.stats.pss_total - r1.stats.pss_total) / (n2 - n1)
@@ -173,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    head = (f"{'wall s':>8}{'driver RSS':>12}{'worker RSS':>12}{'workers PSS':>12}{'all PSS':>12}")
+    head = f"{'wall s':>8}" + "".join(f"{h:>12}" for h in HEADINGS)
     if table:
         print(f"\n{'stage':<8}{'images':>9}{head}")
         print("\n".join(table))
@@ -183,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
-    print("\nMiB. driver RSS / worker RSS: peak of the driver / of the largest Ray worker process; "
+    print("\nMiB. driver RSS / worker RSS: peak of the driver / of the largest Ray worker process, "
+          "anon: their private heap (RSS without shared memory such as Ray's object store); "
           "workers PSS / all PSS: peak sum of PSS over the Ray workers / over the whole process tree.")
 
 

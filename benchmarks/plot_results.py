@@ -41,6 +41,8 @@ def plot_memory(record: dict, out: str) -> None:
             ax.plot(sizes, [base + (n - sizes[0]) * 1024 * 2 / MIB for n in sizes], "k:",
                     label="first + N x 1024 x 2 B")
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel(size_key)
         ax.set_ylabel("peak MiB")
         ax.set_ylim(bottom=0)
