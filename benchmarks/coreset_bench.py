@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 steps, ran = fast["steps"], plain["run_steps"]
                 plain_s = plain["seconds"] * steps / ran
                 plain_cpu = plain["cpu_seconds"] * steps / ran
-                fast_idx, plain_idx = np.load(Path(tmp, "fast.npy")), np.load(Path(tmp, "plain.npy"))
+                fast_idx = np.load(Path(tmp, "fast.npy"), allow_pickle=False)
+                plain_idx = np.load(Path(tmp, "plain.npy"), allow_pickle=False)
                 same = bool(np.array_equal(fast_idx[:ran], plain_idx))
                 plain_cell = f"{plain_s:.1f}" + ("" if ran == steps else f" (extrapolated from {ran} steps)")
                 same_cell = ("yes" if same else "NO") + ("" if ran == steps else f" (first {ran})")

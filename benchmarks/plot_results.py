@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 MIB = 1 << 20
 SERIES = (("all_pss", "all processes (PSS)"), ("driver_rss", "driver (RSS)"),
-          ("worker_rss", "largest Ray worker (RSS)"))
+          ("worker_rss", "largest Ray worker (RSS)"), ("driver_anon", "driver, private heap"),
+          ("worker_anon", "largest worker, private heap"))
 
 
 def plot_memory(record: dict, out: str) -> None:
@@ -33,6 +34,8 @@ def plot_memory(record: dict, out: str) -> None:
         runs = sorted(record[stage], key=lambda r: r[size_key])
         sizes = [r[size_key] for r in runs]
         for key, label in SERIES:
+            if key not in runs[0]:  # JSON of an older memory_bench
+                continue
             ax.plot(sizes, [r[key] / MIB for r in runs], marker="o", label=label)
         if stage == "coreset":
             base = runs[0]["all_pss"] / MIB
@@ -40,9 +43,12 @@ def plot_memory(record: dict, out: str) -> None:
                     label="first + N x 128 x 4 B")
             ax.plot(sizes, [base + (n - sizes[0]) * 1024 * 2 / MIB for n in sizes], "k:",
                     label="first + N x 1024 x 2 B")
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
-        ax.minorticks_off()
+        if stage == "extract":  # what holding every image's features would add (224 px, D = 1024)
+            base = runs[0]["all_pss"] / MIB
+            ax.plot(sizes, [base + (n - sizes[0]) * 784 * 1024 * 2 / MIB for n in sizes], "k:",
+                    label="first + images x 784 x 1024 x 2 B")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], fontsize=7)
+        ax.set_xlim(left=0)
         ax.set_xlabel(size_key)
         ax.set_ylabel("peak MiB")
         ax.set_ylim(bottom=0)
