@@ -22,6 +22,7 @@ are the steadier comparison. Ray workers run at nice 0 here, like the bare pass 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import io
 import json
@@ -30,8 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -100,39 +100,55 @@ def bare_rates(extractor: backbone.FeatureExtractor, images: torch.Tensor, spec:
     return out
 
 
+class Stopwatch:
+    """CPU seconds of this process per named step, summed over calls: `with clock("step"): ...`."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.cpu[key] = self.cpu.get(key, 0.0) + time.process_time() - start
+
+    def ms_per(self, count: int) -> dict[str, float]:
+        return {key: 1000.0 * seconds / count for key, seconds in self.cpu.items()}
+
+
 def stage_split(paths: Sequence[str], extractor: backbone.FeatureExtractor, spec: ModelSpec,
                 batch_size: int, folder: str) -> dict[str, float]:
     """CPU ms per image of each step the job does for an image, in this process on 1 thread:
     read, decode, preprocess (decode stage); forward, aggregate (§3.1), float16 (actor);
     parquet (storage.write_feature_shard of the batch, as the driver writes a shard)."""
-    cpu: dict[str, float] = {}
-
-    def timed(key: str, fn: Callable[[], Any]) -> Any:
-        start = time.process_time()
-        result = fn()
-        cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
-        return result
-
+    clock = Stopwatch()
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             for lo in range(0, len(paths), batch_size):
                 chunk = paths[lo : lo + batch_size]
-                data = [timed("read", lambda p=p: storage.read_bytes(p)) for p in chunk]
-                decoded = [timed("decode", lambda d=d: preprocess.decode_image(d)) for d in data]
-                images = timed("preprocess", lambda: torch.stack(
-                    [preprocess.to_tensor(i, spec.resize, spec.crop) for i in decoded]))
-                maps = timed("forward", lambda: extractor(images))
-                feats = timed("aggregate", lambda: features.patch_features(
-                    maps, spec.patch_size, spec.embed_dim))
-                half = timed("float16", lambda: feats.numpy().astype(np.float16))
+                with clock("read"):
+                    data = [storage.read_bytes(p) for p in chunk]
+                with clock("decode"):
+                    decoded = [preprocess.decode_image(d) for d in data]
+                with clock("preprocess"):
+                    images = torch.stack([preprocess.to_tensor(i, spec.resize, spec.crop) for i in decoded])
+                with clock("forward"):
+                    maps = extractor(images)
+                with clock("aggregate"):
+                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim)
+                with clock("float16"):
+                    half = feats.numpy().astype(np.float16)
                 row_ids, ys, xs, flat = model.flatten_patches(torch.from_numpy(half), chunk)
-                timed("parquet", lambda: storage.write_feature_shard(
-                    os.path.join(folder, "split.parquet"), row_ids, ys, xs, flat, "float16"))
+                with clock("parquet"):
+                    storage.write_feature_shard(os.path.join(folder, "split.parquet"), row_ids, ys, xs,
+                                                flat, "float16")
     finally:
         torch.set_num_threads(saved)
-    return {key: 1000.0 * value / len(paths) for key, value in cpu.items()}
+    return clock.ms_per(len(paths))
 
 
 def commit_times(out: str) -> list[tuple[float, int]]:

@@ -29,7 +29,7 @@ def plot_memory(record: dict, out: str) -> None:
               if stage in record]
     if not panels:
         raise ValueError(f"no extract/score/coreset results in the memory JSON (keys: {sorted(record)})")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
     for ax, (stage, size_key) in zip(axes[0], panels):
         runs = sorted(record[stage], key=lambda r: r[size_key])
         sizes = [r[size_key] for r in runs]
@@ -54,7 +54,7 @@ def plot_memory(record: dict, out: str) -> None:
         ax.set_ylim(bottom=0)
         ax.set_title(f"patchcore {stage}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

@@ -22,16 +22,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
 import torch
 
 from benchmarks._proctree import MIB
-from benchmarks.extract_bench import make_images, run_job
+from benchmarks.extract_bench import Stopwatch, make_images, run_job
 from jobs import score
 from patchcore_core import features, knn, model, preprocess, scoring, storage
 from patchcore_core.bank import Bank
@@ -72,14 +70,7 @@ def reweight(patchcore: model.PatchCore, queries: torch.Tensor, patch_scores: to
 
 def stage_split(paths: Sequence[str], bank_uri: str, batch_size: int, folder: str) -> dict[str, float]:
     """CPU ms per image of each step of the score actor for `paths` (see module docstring)."""
-    cpu: dict[str, float] = {}
-
-    def timed(key: str, fn: Callable[[], Any]) -> Any:
-        start = time.process_time()
-        result = fn()
-        cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
-        return result
-
+    clock = Stopwatch()
     saved, saved_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -88,39 +79,40 @@ def stage_split(paths: Sequence[str], bank_uri: str, batch_size: int, folder: st
         spec, threshold = patchcore.spec, float(patchcore.bank.pixel_threshold)
         with torch.inference_mode():
             for lo in range(0, len(paths), batch_size):
-                chunk = paths[lo : lo + batch_size]
-                decoded = timed("decode", lambda c=chunk: [
-                    preprocess.decode_image(storage.read_bytes(p)) for p in c])
-                images = timed("decode", lambda d=decoded: torch.stack(
-                    [preprocess.to_tensor(i, spec.resize, spec.crop) for i in d]))
-                maps = timed("forward", lambda x=images: patchcore.extractor(x))
-                feats = timed("aggregate", lambda m=maps: features.patch_features(
-                    m, spec.patch_size, spec.embed_dim))
+                with clock("decode"):  # the decode stage: read, decode, preprocess
+                    decoded = [preprocess.decode_image(storage.read_bytes(p)) for p in paths[lo : lo + batch_size]]
+                    images = torch.stack([preprocess.to_tensor(i, spec.resize, spec.crop) for i in decoded])
+                with clock("forward"):
+                    maps = patchcore.extractor(images)
+                with clock("aggregate"):
+                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim)
                 B, h, w, D = feats.shape
                 # model.score_patches, step by step: nearest bank entry of every patch (Eq. 6) ...
                 queries = feats.reshape(B * h * w, D)
-                dists, ids = timed("knn", lambda q=queries: knn.search(patchcore.index, q, 1))
+                with clock("knn"):
+                    dists, ids = knn.search(patchcore.index, queries, 1)
                 patch_scores = dists[:, 0].reshape(B, h, w)
-                # ... then Eq. 7: the b nearest bank entries of m*, the entry nearest the worst patch
-                image_scores = timed("reweight", lambda: reweight(patchcore, queries, patch_scores, ids))
+                with clock("reweight"):  # ... then Eq. 7 with the b nearest bank entries of m*
+                    image_scores = reweight(patchcore, queries, patch_scores, ids)
                 assert image_scores.shape == (B,)
-                amaps = timed("maps", lambda p=patch_scores: scoring.anomaly_maps(p, spec.crop, spec.sigma))
-                timed("maps", lambda a=amaps: a.reshape(B, -1).argmax(dim=1))
-                for j, image in enumerate(decoded):
+                with clock("maps"):  # what model.predict adds: maps and the location of their maxima
+                    amaps = scoring.anomaly_maps(patch_scores, spec.crop, spec.sigma)
+                    amaps.reshape(B, -1).argmax(dim=1)
+                for j, image in enumerate(decoded):  # what ScoreActor._write_files does per image
                     width, height = image.size
-                    full = timed("uncrop", lambda a=amaps[j], wd=width, ht=height: preprocess.uncrop_map(
-                        a, wd, ht, spec.resize, spec.crop))
-                    heat = timed("uncrop", lambda f=full: score.heatmap_pixels(f, threshold))
-                    mask = timed("uncrop", lambda f=full: np.where((f > threshold).numpy(), 255, 0)
-                                 .astype(np.uint8))
-                    pngs = timed("png", lambda a=heat, b=mask: (score._png(a), score._png(b)))
-                    for kind, body in zip(("map", "mask"), pngs):
-                        timed("write", lambda k=kind, b=body: storage.write_bytes(
-                            os.path.join(folder, "split", k, f"{lo + j:06d}.png"), b))
+                    with clock("uncrop"):
+                        full = preprocess.uncrop_map(amaps[j], width, height, spec.resize, spec.crop)
+                        heat = score.heatmap_pixels(full, threshold)
+                        mask = np.where((full > threshold).numpy(), 255, 0).astype(np.uint8)
+                    with clock("png"):
+                        pngs = score._png(heat), score._png(mask)
+                    with clock("write"):
+                        for kind, body in zip(("map", "mask"), pngs):
+                            storage.write_bytes(os.path.join(folder, "split", kind, f"{lo + j:06d}.png"), body)
     finally:
         torch.set_num_threads(saved)
         faiss.omp_set_num_threads(saved_faiss)
-    return {key: 1000.0 * value / len(paths) for key, value in cpu.items()}
+    return clock.ms_per(len(paths))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
