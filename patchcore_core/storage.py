@@ -117,18 +117,30 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
     if not _is_local(fs):
         fs.pipe_file(path, bytes(data))
         return
+    tmp = _temp_copy(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _temp_copy(path: str, data: bytes) -> str:
+    """Write `data` fully (fsynced) to a hidden temporary file beside local `path`; its name."""
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    written = False
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        written = True
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if not written and os.path.exists(tmp):
+            os.remove(tmp)  # a failed write leaves no stray temporary file
+    return tmp
 
 
 def _is_s3(fs: Any) -> bool:
@@ -147,14 +159,8 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict[str, Any] | No
     fs, path = url_to_fs(uri, storage_options)
     _uncached(fs, path)
     if _is_local(fs):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        tmp = _temp_copy(path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)  # atomic and exclusive: EEXIST when the name is taken
         except FileExistsError:
             return False
