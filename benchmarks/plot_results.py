@@ -1,16 +1,21 @@
-"""Plots for the README results section from the benchmarks' JSON output (issue 5).
+"""Plots for the README results section from the benchmarks' output.
 
 memory.png: peak memory of `extract` and `score` against the number of images, and of `coreset`
-against the feature-store rows, from `memory_bench.py --json`.
+against the feature-store rows, from `memory_bench.py --json`. coreset.png: greedy steps per second
+of the exact pruned selection and of the plain loop against N, one line per ratio, from the
+markdown table(s) that `coreset_bench.py` prints.
 
     python -m benchmarks.memory_bench --images 40,100,200,400 --json memory.json
     python -m benchmarks.plot_results --memory memory.json --out memory.png
+    python benchmarks/coreset_bench.py --n 200000 1000000 --ratio 0.1 0.01 > coreset.md
+    python -m benchmarks.plot_results --coreset coreset.md --out coreset.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 
 MIB = 1 << 20
@@ -59,13 +64,75 @@ def plot_memory(record: dict, out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def read_coreset_tables(paths: Sequence[str]) -> list[dict]:
+    """Rows of the markdown tables printed by coreset_bench.py: N, ratio, steps, plain s, fast s."""
+    rows = []
+    for path in paths:
+        header: list[str] = []
+        with open(path) as f:
+            for line in f:
+                if not line.startswith("|") or line.startswith("|---"):
+                    continue
+                cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+                if cells[0] == "N":
+                    header = cells
+                    continue
+                if not header:
+                    raise ValueError(f"{path}: table row before the header line: {line.strip()!r}")
+                row = dict(zip(header, cells))
+                number = re.compile(r"[0-9.]+")  # "2,931.0 (extrapolated from 500 steps)" -> 2931.0
+                rows.append({
+                    "n": int(row["N"].replace(",", "")), "ratio": float(row["ratio"]),
+                    "steps": int(row["steps"].replace(",", "")),
+                    "plain_s": float(number.match(row["plain s"].replace(",", "")).group()),
+                    "fast_s": float(row["fast s"].replace(",", "")),
+                    "extrapolated": "extrapolated" in row["plain s"],
+                })
+    if not rows:
+        raise ValueError(f"no coreset_bench table rows in {list(paths)}; pass the files it printed")
+    return rows
+
+
+def plot_coreset(rows: list[dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for ratio in sorted({r["ratio"] for r in rows}, reverse=True):
+        runs = sorted((r for r in rows if r["ratio"] == ratio), key=lambda r: r["n"])
+        sizes = [r["n"] for r in runs]
+        line = ax.plot(sizes, [r["steps"] / r["fast_s"] for r in runs], marker="o",
+                       label=f"exact pruned greedy, ratio {ratio:g}")[0]
+        ax.plot(sizes, [r["steps"] / r["plain_s"] for r in runs], marker="s", linestyle="--",
+                color=line.get_color(), label=f"plain per-step loop, ratio {ratio:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    sizes = sorted({r["n"] for r in rows})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("N (rows of the feature store)")
+    ax.set_ylabel("greedy steps per second")
+    ax.set_title("coreset selection, 128-dim projected, same indices")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--memory", required=True, help="JSON written by memory_bench.py --json")
-    parser.add_argument("--out", default="memory.png")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--memory", help="JSON written by memory_bench.py --json")
+    source.add_argument("--coreset", nargs="+", help="files holding coreset_bench.py's printed table(s)")
+    parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    with open(args.memory) as f:
-        plot_memory(json.load(f), args.out)
+    if args.memory:
+        with open(args.memory) as f:
+            plot_memory(json.load(f), args.out)
+    else:
+        plot_coreset(read_coreset_tables(args.coreset), args.out)
     print(f"wrote {args.out}")
 
 

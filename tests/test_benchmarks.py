@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end at toy sizes, and the README plots read what they print."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import plot_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_coreset_bench_selects_the_plain_loop_indices_and_its_table_plots(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "coreset_bench.py"), "--n", "3000", "--ratio", "0.02",
+         "--plain-full-steps", "20", "--plain-prefix", "30"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    table = tmp_path / "coreset.md"
+    table.write_text(done.stdout)
+    rows = plot_results.read_coreset_tables([str(table)])
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["n"], row["ratio"], row["steps"], row["extrapolated"]) == (3000, 0.02, 60, True)
+    assert row["plain_s"] > 0 and row["fast_s"] > 0
+    line = next(line for line in done.stdout.splitlines() if line.startswith("| 3,000"))
+    assert line.rstrip().endswith("| yes (first 30) |")  # the same indices as the plain loop
+    plot_results.plot_coreset(rows, str(tmp_path / "coreset.png"))
+    assert (tmp_path / "coreset.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_reader_names_the_file_without_a_table(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.md"
+    empty.write_text("# no table here\n")
+    with pytest.raises(ValueError, match="no coreset_bench table rows"):
+        plot_results.read_coreset_tables([str(empty)])
