@@ -140,15 +140,15 @@ class MinDistances:
         if window < 1 or block_rows < 1:
             raise ValueError(f"window and block_rows must be >= 1, got {window} and {block_rows}")
         points = points.to(torch.float32).contiguous()
-        if not bool(torch.isfinite(points).all()):
-            raise ValueError("points contain NaN or infinite values; check the projected features")
         n, d = points.shape
+        starts = range(0, n, _CHUNK)  # chunked: a whole-array temporary would cost n x d bytes
+        if not all(bool(torch.isfinite(points[lo : lo + _CHUNK]).all()) for lo in starts):
+            raise ValueError("points contain NaN or infinite values; check the projected features")
         device = points.device
         self._points, self.num_rows, self.dim = points, n, d
         self.block_rows, self.num_blocks = block_rows, -(-n // block_rows)
         # |x - c|^2 = |x - mean|^2 - 2 x.b + (|b|^2 + 2 mean.b), b = c - mean: the centring keeps
         # the rounding (relative to |x - mean|, not |x|) small; per-row terms in float64, rounded
-        starts = range(0, n, _CHUNK)
         self._mean = sum(points[lo : lo + _CHUNK].double().sum(0) for lo in starts) / n
         self._row_sq = torch.cat(
             [(points[lo : lo + _CHUNK].double() - self._mean).square().sum(1) for lo in starts]
@@ -232,7 +232,9 @@ class MinDistances:
                 self._top_blocks = max(1, blocks // 2)
                 return float(top), offset + int(rows[values == top].min())
             todo = rows[stale & (values >= floor)]
-            self._update(todo, self._points.index_select(0, todo))
+            for lo in range(0, len(todo), self._chunk_rows):  # bounded copies of the points
+                part = todo[lo : lo + self._chunk_rows]
+                self._update(part, self._points.index_select(0, part))
             changed = torch.unique(todo // self.block_rows)
             values = self._min_sq.view(self.num_blocks, self.block_rows).index_select(0, changed)
             self._block_max.index_copy_(0, changed, values.amax(1))
