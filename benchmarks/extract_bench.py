@@ -13,7 +13,10 @@ For each backbone, on the same synthetic images and batch size, in one run:
            parquet) in this process on 1 thread: where the job's time goes.
 The bare rates are measured before and after the jobs and averaged. On a shared machine wall
 rates swing with the load; CPU seconds per image (bare embed over job: 1 = no work beyond embed)
-are the steadier comparison. Ray workers run at nice 0 here, like the bare pass (Ray: 15).
+are the steadier comparison. Ray workers run at nice 0 here, like the bare pass (Ray: 15). This
+process keeps freed memory as the job's model actors do (jobs._ray.keep_freed_memory): otherwise
+its forward speed would depend on what it allocated before (glibc's mmap threshold rises with the
+largest block freed), e.g. efficientnet_lite0 at batch 8 anywhere from 17 to 30 ms per image.
 
     python -m benchmarks.extract_bench                     # both backbones, default sizes
     python -m benchmarks.extract_bench --backbones efficientnet_lite0 --images 96 --batch-size 16
@@ -38,6 +41,7 @@ import torch
 from PIL import Image
 
 from benchmarks._proctree import MIB, RunResult, TreeStats, job_env, run_monitored
+from jobs._ray import keep_freed_memory
 from patchcore_core import backbone, features, model, preprocess, storage
 from patchcore_core.spec import ModelSpec, default_layers
 
@@ -122,13 +126,17 @@ def stage_split(paths: Sequence[str], extractor: backbone.FeatureExtractor, spec
                 batch_size: int, folder: str) -> dict[str, float]:
     """CPU ms per image of each step the job does for an image, in this process on 1 thread:
     read, decode, preprocess (decode stage); forward, aggregate (§3.1), float16 (actor);
-    parquet (storage.write_feature_shard of the batch, as the driver writes a shard)."""
+    parquet (storage.write_feature_shard of the batch, as the driver writes a shard).
+    The first batch runs twice, once untimed: one-time costs (pyarrow's first Parquet write
+    takes ~0.5 s) are paid once per job process, not per image."""
     clock = Stopwatch()
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            for lo in range(0, len(paths), batch_size):
+            for k, lo in enumerate([0, *range(0, len(paths), batch_size)]):
+                if k == 1:
+                    clock.cpu.clear()  # forget the warm-up pass over the first batch
                 chunk = paths[lo : lo + batch_size]
                 with clock("read"):
                     data = [storage.read_bytes(p) for p in chunk]
@@ -141,8 +149,8 @@ def stage_split(paths: Sequence[str], extractor: backbone.FeatureExtractor, spec
                 with clock("aggregate"):
                     feats = features.patch_features(maps, spec.patch_size, spec.embed_dim)
                 with clock("float16"):
-                    half = feats.numpy().astype(np.float16)
-                row_ids, ys, xs, flat = model.flatten_patches(torch.from_numpy(half), chunk)
+                    half = feats.to(torch.float16)  # as the actor casts
+                row_ids, ys, xs, flat = model.flatten_patches(half, chunk)
                 with clock("parquet"):
                     storage.write_feature_shard(os.path.join(folder, "split.parquet"), row_ids, ys, xs,
                                                 flat, "float16")
@@ -232,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", default="", help="default: a temporary folder, removed after")
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
+    keep_freed_memory()  # as the job's model actors do
     shard_size = args.shard_size or args.batch_size
     threads = sorted({1, torch.get_num_threads()})
     workdir = args.workdir or tempfile.mkdtemp(prefix="extract-bench-")

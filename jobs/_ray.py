@@ -7,9 +7,11 @@ already initialised (tests, notebooks) is reused and left running.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 import ray
 
 log = logging.getLogger("jobs")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -46,6 +50,32 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def on_remote_cluster() -> bool:
+    """Whether jobs run on the cluster at `RAY_ADDRESS`, whose autoscaler may add nodes, rather
+    than on a local Ray whose resources are fixed for the run."""
+    return bool(os.environ.get("RAY_ADDRESS", "").strip())
+
+
+def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Let this process reuse the memory it frees, up to `limit_bytes` (glibc); True if set.
+
+    glibc serves allocations above a threshold (128 KiB, rising to at most 32 MiB) with fresh
+    pages from the kernel and unmaps them when freed, so a model actor that allocates the same
+    activations for every batch page-faults them all in again: on CPU up to 40% of a
+    wide_resnet50_2 forward at batch 32. With the threshold and the heap-trim limit raised, freed
+    activations stay in the heap for the next batch; the process keeps its peak memory, which
+    every batch needs anyway. Not glibc (macOS, musl): nothing changes, False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit_bytes)
+                and libc.mallopt(_M_TRIM_THRESHOLD, limit_bytes))
 
 
 def cluster_gpus() -> int:

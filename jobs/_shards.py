@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import time
@@ -40,6 +41,10 @@ JOB_FILE = "_job.json"  # identity of the run that owns an uncommitted folder
 LOCK_FILE = "_lock.json"  # the run writing the folder now (RunLock)
 _CHECK_THREADS = 16  # parallel footer reads when validating committed shards on resume
 DEVICES = ("auto", "cpu", "cuda")
+# Least CPUs a read+decode task reserves (it reserves one when the model actors leave one).
+# Decoding is a few ms of an image's work against tens for the model, so a fraction of a CPU keeps
+# up on a small machine whose actors hold the rest; with none left no decode task could start.
+DECODE_CPUS = 0.25
 
 
 # --------------------------------------------------------------------------- flags shared by the jobs
@@ -49,7 +54,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class PipelineFlags:
     """Resources and fault handling of a Ray Data image job (base of the job configs)."""
 
-    workers: int = _cli.arg("model actors; 0 = one per GPU, or on CPU one per free CPU (minus one)", 0)
+    workers: int = _cli.arg("model actors; 0 = one per GPU, or on CPU one per --cpus-per-worker CPUs, "
+                            "sharing all CPUs but a quarter (for decoding)", 0)
     batch_size: int = _cli.arg("images per model call (per actor)", 32)
     cpus_per_worker: float = _cli.arg("CPUs Ray reserves for each model actor", 1.0)
     device: str = _cli.arg("auto|cpu|cuda; auto = cuda when the Ray cluster has GPUs", "auto")
@@ -432,14 +438,75 @@ def resolve_device(flag: str) -> str:
     return flag
 
 
-def resolve_workers(flags: PipelineFlags, device: str) -> int:
-    """Actor pool size: --workers, or one per GPU, or one per CPU leaving one for decoding."""
+def _floor_ray(cpus: float) -> float:
+    """`cpus` rounded down to Ray's resource unit (1/10000)."""
+    return math.floor(cpus * 1e4) / 1e4
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the connected Ray that has any (a KubeRay head has none)."""
+    counts = [float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    return [c for c in counts if c > 0]
+
+
+def _auto_cpu_actors(nodes: list[float], cpus_per_worker: float) -> tuple[int, float]:
+    """(actors, CPUs each) filling every node with CPU actors but DECODE_CPUS.
+
+    Each node takes floor(its CPUs / --cpus-per-worker) actors (at least one); one reservation
+    for all actors, trimmed so that the smallest node's actors leave DECODE_CPUS (2 CPUs: two
+    actors of 0.875). Per node, because a decode task must fit on one node.
+    """
+    smallest = min(nodes)
+    per_smallest = max(1, int(smallest // cpus_per_worker))
+    share = min(cpus_per_worker, _floor_ray((smallest - DECODE_CPUS) / per_smallest))
+    if share <= 0:  # a node with at most DECODE_CPUS CPUs: nothing fits; the caller explains
+        return len(nodes), cpus_per_worker
+    return sum(max(1, int((c - DECODE_CPUS) // share)) for c in nodes), share
+
+
+def resolve_resources(flags: PipelineFlags, device: str) -> tuple[int, float, float]:
+    """(model actors, CPUs each actor reserves, CPUs each decode task reserves) on the Ray now
+    connected.
+
+    Actors: --workers of --cpus-per-worker CPUs; or one per GPU; or on CPU as many as fill every
+    node but DECODE_CPUS (`_auto_cpu_actors`). A decode task reserves one CPU if the actors
+    leave one, else what they leave (at least DECODE_CPUS): one decode task per spare CPU keeps
+    up, and every concurrent task is a worker process that imports torch.
+    ValueError when the actors leave less than DECODE_CPUS of a local Ray: no decode task could
+    ever start and the job would wait forever. A remote cluster may grow (its autoscaler adds
+    nodes for the waiting decode tasks), so there it is only logged.
+    """
+    nodes = node_cpus() or [0.0]
+    cpus = sum(nodes)
+    actor_cpus = flags.cpus_per_worker
     if flags.workers:
-        return flags.workers
-    if device == "cuda":
-        return max(1, _ray.cluster_gpus())
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(1, int((cpus - 1) // flags.cpus_per_worker))
+        workers = flags.workers
+    elif device == "cuda":
+        workers = max(1, _ray.cluster_gpus())
+    else:
+        workers, actor_cpus = _auto_cpu_actors(nodes, actor_cpus)
+    reserved = workers * actor_cpus
+    spare = cpus - reserved
+    if not flags.workers and device != "cuda":  # actors packed per node: what one node keeps
+        spare = min(c - max(1, int((c - DECODE_CPUS) // actor_cpus)) * actor_cpus for c in nodes)
+    decode_cpus = min(1.0, max(DECODE_CPUS, _floor_ray(spare)))
+    if spare >= DECODE_CPUS:
+        return workers, actor_cpus, decode_cpus
+    if _ray.on_remote_cluster():
+        log.info("the model actors reserve %g of the cluster's %g CPUs: reading and decoding "
+                 "waits until the autoscaler adds CPUs", reserved, cpus)
+        return workers, actor_cpus, decode_cpus
+    fit = int((cpus - DECODE_CPUS) // actor_cpus)
+    hints = [f"--workers {fit}"] if fit >= 1 else []
+    if cpus > DECODE_CPUS:
+        hints.append(f"--cpus-per-worker {_floor_ray((cpus - DECODE_CPUS) / workers):g} "
+                     f"with --workers {workers}")
+    raise ValueError(
+        f"--workers {flags.workers or f'0 (automatic: {workers})'} x --cpus-per-worker "
+        f"{actor_cpus:g} reserve {reserved:g} of the local Ray's {cpus:g} CPUs for model actors, "
+        f"leaving {max(0.0, spare):g} for reading and decoding images, which needs "
+        f"{DECODE_CPUS:g}: the job would wait forever. Use {' or '.join(hints) or 'a Ray with more CPUs'}"
+    )
 
 
 def stream_shards(
@@ -458,6 +525,8 @@ def stream_shards(
 ) -> Iterator[tuple[Shard, dict[str, np.ndarray]]]:
     """Run decode -> `actor` over the inputs of `shards`; yield each shard once all its rows are back.
 
+    `actor` is built with `actor_kwargs` plus threads: the torch threads it should run, its
+    reserved CPUs rounded (Ray's OMP_NUM_THREADS rounds a fractional reservation down).
     Rows carry shard, position (index in the full input list), uri, plus `extra[name][position]`.
     The yielded columns are sorted by position. Only the shards' own rows are buffered on the
     driver, and a shard leaves the buffer as soon as it is complete; rows arrive in any order.
@@ -473,9 +542,11 @@ def stream_shards(
     if not rows:
         return
     options = _cli.parse_storage_options(flags.storage_options)
-    workers = resolve_workers(flags, device)
-    log.info("%s: %d images in %d shards on %d %s actor(s), batch size %d",
-             label, len(rows), len(shards), workers, device, flags.batch_size)
+    workers, actor_cpus, decode_cpus = resolve_resources(flags, device)
+    threads = max(1, round(actor_cpus))
+    log.info("%s: %d images in %d shards on %d %s actor(s) of %g CPUs (%d torch threads), batch size "
+             "%d; %g CPUs per decode task", label, len(rows), len(shards), workers, device,
+             actor_cpus, threads, flags.batch_size, decode_cpus)
     ds = ray.data.from_items(rows)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates remote options passed to map_batches (removal planned for 2.64) but
@@ -486,13 +557,14 @@ def stream_shards(
             decode_batch, batch_size=flags.batch_size, batch_format="numpy",
             fn_kwargs={"resize": resize, "crop": crop, "max_pixels": flags.max_pixels,
                        "storage_options": options},
+            num_cpus=decode_cpus,
             max_retries=flags.retries,  # a decode worker that dies (OOM kill, node loss)
         )
         ds = ds.map_batches(
             actor, batch_size=flags.batch_size, batch_format="numpy",
-            fn_constructor_kwargs=actor_kwargs,
+            fn_constructor_kwargs={**actor_kwargs, "threads": threads},
             compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=flags.cpus_per_worker, num_gpus=1 if device == "cuda" else 0,
+            num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0,
             # Explicit (Ray Data's defaults are -1/-1): restart dead actors always, but retry one
             # batch only `retries` times, so a batch that kills its actor every time fails the
             # job (its committed shards stay) instead of looping forever.

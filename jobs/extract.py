@@ -36,7 +36,7 @@ from patchcore_core.spec import ModelSpec, default_layers, parse_layers
 
 log = logging.getLogger("jobs.extract")
 
-FEATURE_DTYPES = ("float16", "float32")
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _SPEC_DEFAULTS = ModelSpec  # class attributes hold the field defaults
 
 
@@ -93,10 +93,12 @@ class ExtractConfig(PipelineFlags, ModelFlags):
 class FeatureActor:
     """Ray actor: one backbone per worker, loaded once; batches go through `model.embed_images`."""
 
-    def __init__(self, spec: dict[str, Any], device: str, feature_dtype: str) -> None:
+    def __init__(self, spec: dict[str, Any], device: str, feature_dtype: str, threads: int) -> None:
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
+        _ray.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
         self.spec = ModelSpec.from_json(spec)
         self.extractor = backbone.load_backbone(self.spec, device)
-        self.dtype = np.dtype(feature_dtype)
+        self.dtype = FEATURE_DTYPES[feature_dtype]
         probe = torch.zeros(1, 3, self.spec.crop, self.spec.crop)
         self.grid = tuple(model.embed_images(self.extractor, probe, self.spec).shape[1:3])
 
@@ -107,13 +109,14 @@ class FeatureActor:
         if ok.all():  # the usual case: one cast of the (B, h, w, D) features, no other copy
             images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
             feats = model.embed_images(self.extractor, images, self.spec, len(ok))
-            return {**kept, "features": feats.numpy().astype(self.dtype)}
+            return {**kept, "features": feats.to(self.dtype).numpy()}
         # (B, h, w, D); rows of failed inputs stay zero and are dropped by the driver
-        out = np.zeros((len(ok), h, w, self.spec.embed_dim), self.dtype)
+        out = torch.zeros(len(ok), h, w, self.spec.embed_dim, dtype=self.dtype)
         if ok.any():
             images = torch.from_numpy(batch["image"][ok])
-            out[ok] = model.embed_images(self.extractor, images, self.spec, int(ok.sum())).numpy()
-        return {**kept, "features": out}
+            feats = model.embed_images(self.extractor, images, self.spec, int(ok.sum()))
+            out[torch.from_numpy(ok)] = feats.to(self.dtype)
+        return {**kept, "features": out.numpy()}
 
 
 def _write_shard(folder: OutputFolder, shard: Shard, columns: dict[str, np.ndarray], dtype: str) -> dict:

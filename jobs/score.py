@@ -110,7 +110,9 @@ class ScoreActor:
     """
 
     def __init__(self, bank: str, device: str, out: str | None, maps: bool, raw_maps: bool,
-                 return_maps: bool, storage_options: dict[str, Any]) -> None:
+                 return_maps: bool, storage_options: dict[str, Any], threads: int) -> None:
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
+        _ray.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
         self.model = model.load(bank, device, storage_options=storage_options)
         self.out, self.maps, self.raw_maps = out, maps, raw_maps
         self.return_maps = return_maps

@@ -92,7 +92,7 @@ def embed_images(
         features.embed(extractor, images[lo : lo + batch_size].to(device), spec).cpu()
         for lo in range(0, images.shape[0], batch_size)
     ]
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one batch: no copy
 
 
 def flatten_patches(

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from patchcore_core import backbone, features
 from patchcore_core.spec import ModelSpec
@@ -85,6 +86,40 @@ def test_patch_features_match_naive_loops(shapes: list, patch_size: int, embed_d
     assert result.shape == (2, shapes[0][1], shapes[0][2], embed_dim)
     assert result.dtype == torch.float32
     torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=0)
+
+
+def resize_then_pool(maps: list[torch.Tensor], p: int, embed_dim: int) -> torch.Tensor:
+    """The authors' order, whole batch at full width: unfold, resize the C*p*p maps, pool."""
+    B, _, h, w = maps[0].shape
+    per_layer = []
+    for fmap in maps:
+        C, h_l, w_l = fmap.shape[1:]
+        values = F.unfold(fmap, kernel_size=p, padding=p // 2).reshape(B, C * p * p, h_l, w_l)
+        if (h_l, w_l) != (h, w):
+            values = F.interpolate(values, size=(h, w), mode="bilinear", align_corners=False)
+        rows = values.permute(0, 2, 3, 1).reshape(B * h * w, 1, -1)
+        per_layer.append(F.adaptive_avg_pool1d(rows, embed_dim).squeeze(1))
+    stacked = torch.stack(per_layer, dim=1).reshape(B * h * w, 1, -1)
+    return F.adaptive_avg_pool1d(stacked, embed_dim).reshape(B, h, w, embed_dim)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "patch_size", "embed_dim"),
+    [
+        ([(48, 14, 14), (96, 7, 7)], 3, 64),  # C*p*p > embed_dim, windows of 6.75 and 13.5 values
+        ([(5, 14, 14), (12, 7, 7)], 3, 64),  # C*p*p < embed_dim on both layers (efficientnet_lite0)
+        ([(8, 9, 11), (16, 5, 6), (16, 3, 3)], 3, 20),  # three layers: final bins straddle layers
+        ([(6, 10, 10), (6, 10, 10)], 5, 16),  # equal grids: nothing is resized
+    ],
+)
+def test_patch_features_match_the_resize_then_pool_order(
+    shapes: list, patch_size: int, embed_dim: int
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    maps = [3 * torch.rand(3, *shape, generator=generator) for shape in shapes]
+    expected = resize_then_pool(maps, patch_size, embed_dim)
+    torch.testing.assert_close(features.patch_features(maps, patch_size, embed_dim), expected,
+                               atol=1e-5, rtol=1e-6)
 
 
 def test_single_layer_p1_full_width_is_the_feature_map_itself() -> None:

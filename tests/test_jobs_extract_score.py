@@ -1,5 +1,6 @@
 """jobs.fit / extract / score on a local Ray: same bank and scores as the single-process model.py,
-inputs = scored + errors, shard-level resume, no-op reruns, S3 paths, and path sanitisation."""
+inputs = scored + errors, shard-level resume, no-op reruns, S3 paths, path sanitisation, and CPU
+plans that would starve the decode stage refused instead of hanging."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import io
 import json
 import posixpath
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import _cli, extract, fit, score
+from jobs import _cli, _shards, cli, extract, fit, score
 from jobs._shards import input_root, make_shards, relative_key, safe_relative_path
 from patchcore_core import backbone, model, storage
 from patchcore_core.bank import Bank
@@ -244,6 +247,85 @@ def test_extract_cli_writes_features_of_readable_images_and_records_errors(
     features = torch.cat([r["feature"] for r in rows])  # float16 in the store
     torch.testing.assert_close(features, expected.reshape(-1, 32).half().float(), rtol=2e-3, atol=2e-3)
     assert [i for r in rows for i in r["image_id"]] == [u for u in readable for _ in range(64)]
+
+
+@pytest.mark.parametrize("command", ["extract", "score"])
+def test_cli_refuses_model_actors_that_leave_no_cpu_for_decoding(
+    command: str, local_bank: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Ray in tests has 2 CPUs: two 1-CPU actors leave nothing for the decode tasks.
+    inputs = {"extract": ["--train", str(dataset / "train"), *MODEL_FLAGS],
+              "score": ["--bank", str(local_bank), "--images", str(dataset / "test")]}[command]
+    argv = [command, *inputs, "--out", str(tmp_path / "out"), "--workers", "2", "--cpus-per-worker", "1",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"patchcore {command}: error: --workers 2 x --cpus-per-worker 1 reserve 2 of")
+    assert "wait forever" in error and "--workers 1 or --cpus-per-worker 0.875 with --workers 2" in error
+
+
+@pytest.mark.parametrize(
+    ("nodes", "cpus_per_worker", "expected"),
+    [([2.0], 1.0, (2, 0.875)), ([2.0], 2.0, (1, 1.75)), ([16.0] * 3, 1.0, (48, 0.9843)),
+     ([4.0, 16.0], 1.0, (20, 0.9375)), ([8.0, 6.0], 2.0, (7, 1.9166))],
+)
+def test_automatic_cpu_actors_leave_every_node_room_for_a_decode_task(
+    nodes: list[float], cpus_per_worker: float, expected: tuple[int, float]
+) -> None:
+    workers, share = _shards._auto_cpu_actors(nodes, cpus_per_worker)
+    assert (workers, share) == expected
+    # packed per node as planned, each node keeps DECODE_CPUS; whatever Ray's placement, the
+    # total spare is then >= nodes x DECODE_CPUS, so some node can always start a decode task
+    per_node = [max(1, int((c - _shards.DECODE_CPUS) // share)) for c in nodes]
+    assert sum(per_node) == workers
+    assert all(c - k * share >= _shards.DECODE_CPUS for c, k in zip(nodes, per_node))
+
+
+@pytest.mark.timeout(300)  # a hang fails here instead of stalling the suite
+@pytest.mark.parametrize(
+    "flags",
+    [["--workers", "2"], ["--cpus-per-worker", "2"], ["--workers", "2", "--cpus-per-worker", "0.875"]],
+)
+def test_extract_with_all_cpus_for_actors_runs_or_is_refused_never_hangs(
+    ray_local: None, dataset: Path, tmp_path: Path, flags: list[str]
+) -> None:
+    out = tmp_path / "features"
+    argv = ["--train", str(dataset / "train"), "--out", str(out), *MODEL_FLAGS, "--batch-size", "4",
+            "--shard-size", "4", "--device", "cpu", *flags]
+    try:
+        status = extract.run(_cli.parse_config(extract.ExtractConfig, argv))
+    except ValueError as err:
+        assert "--workers" in str(err) and "--cpus-per-worker" in str(err)
+        return
+    assert status == 0
+    assert storage.read_manifest(str(out), "features")["counts"]["extracted"] == NUM_TRAIN
+
+
+_REFAULTS = """
+import resource, sys
+import numpy as np
+from jobs._ray import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+np.ones(8 << 20)  # 64 MiB written, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(8 << 20)  # the same size again: fresh pages, or the freed ones
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_reuses_freed_pages_instead_of_faulting_in_new_ones() -> None:
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, check=True, timeout=120).stdout.split()
+        return out[0], int(out[1])
+
+    # 64 MiB of fresh pages is >= 32 faults even with 2 MiB transparent huge pages.
+    assert run("default")[1] > 16
+    kept, faults = run("keep")
+    assert kept == "True" and faults <= 16
 
 
 def test_score_refuses_png_maps_without_a_pixel_threshold(dataset: Path, tmp_path: Path) -> None:

@@ -48,12 +48,13 @@ def _bank(num_entries: int = 30, seed: int = 0, spec: ModelSpec = SPEC) -> Bank:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("given", [torch.float16, torch.float32])
 def test_feature_shard_round_trip_keeps_rows_and_stored_precision(
-    tmp_path: Path, dtype: str
+    tmp_path: Path, dtype: str, given: torch.dtype
 ) -> None:
     gen = torch.Generator().manual_seed(1)
     n, dim = 50, 24
-    features = torch.randn(n, dim, generator=gen)
+    features = torch.randn(n, dim, generator=gen).to(given)
     ids = [f"/data/img-{i // 10}.png" for i in range(n)]
     ys, xs = torch.arange(n) // 5, torch.arange(n) % 5
     uri = str(tmp_path / "features" / "part-00000.parquet")
@@ -74,6 +75,21 @@ def test_feature_shard_round_trip_keeps_rows_and_stored_precision(
     expected = features.to(getattr(torch, dtype)).float()  # exactly the stored precision
     assert rows["feature"].dtype == torch.float32 and rows["feature"].shape == (n, dim)
     torch.testing.assert_close(rows["feature"], expected, rtol=0, atol=0)
+
+
+def test_feature_shard_encodes_and_summarises_only_the_key_columns(tmp_path: Path) -> None:
+    n = storage.FEATURE_ROW_GROUP + 10
+    uri = str(tmp_path / "part-00000.parquet")
+    ids = [f"/data/img-{i // 100}.png" for i in range(n)]
+    storage.write_feature_shard(uri, ids, torch.arange(n) % 7, torch.arange(n) % 5, torch.rand(n, 4))
+    meta = pq.read_metadata(uri)
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [n - 10, 10]
+    columns = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c)
+               for c in range(meta.num_columns)}
+    feature = next(c for name, c in columns.items() if name.startswith("feature"))
+    assert "RLE_DICTIONARY" in columns["image_id"].encodings
+    assert "RLE_DICTIONARY" not in feature.encodings and not feature.is_stats_set
+    assert all(columns[name].is_stats_set for name in ("image_id", "y", "x"))
 
 
 def test_read_feature_shard_returns_only_requested_columns(tmp_path: Path) -> None:
