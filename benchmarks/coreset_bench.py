@@ -63,6 +63,11 @@ def plain_loop(points: torch.Tensor, num_steps: int, start: int) -> list[int]:
     return chosen
 
 
+def seconds_cell(seconds: float) -> str:
+    """Seconds for the table: one decimal, or three below 1 s (toy sizes)."""
+    return f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.3f}"
+
+
 def worker(args: argparse.Namespace) -> None:
     """One measurement in this process; prints a JSON line, writes the indices to --out."""
     points = synthetic_projected(args.n, args.intrinsic_dim, args.projection_dim, args.seed)
@@ -130,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fast_idx = np.load(Path(tmp, "fast.npy"), allow_pickle=False)
                 plain_idx = np.load(Path(tmp, "plain.npy"), allow_pickle=False)
                 same = bool(np.array_equal(fast_idx[:ran], plain_idx))
-                plain_cell = f"{plain_s:.1f}" + ("" if ran == steps else f" (extrapolated from {ran} steps)")
+                plain_cell = seconds_cell(plain_s) + ("" if ran == steps else f" (extrapolated from {ran} steps)")
                 same_cell = ("yes" if same else "NO") + ("" if ran == steps else f" (first {ran})")
-                row = (f"{n:,}", f"{ratio:g}", f"{steps:,}", plain_cell, f"{fast['seconds']:.1f}",
+                row = (f"{n:,}", f"{ratio:g}", f"{steps:,}", plain_cell, seconds_cell(fast["seconds"]),
                        f"{plain_s / fast['seconds']:.1f}x", f"{plain_cpu:.0f} / {fast['cpu_seconds']:.0f}",
                        f"{steps / fast['seconds']:.0f}",
                        f"{fast['data_rss_mb']:.0f}, {fast['peak_rss_mb']:.0f}", f"{fast['projected_mb']:.0f}",
