@@ -353,6 +353,16 @@ class OutputFolder:
                 done.add(shard.index)
         return done
 
+    def resume(
+        self, shards: Sequence[Shard], data_files: Callable[[Shard], str]
+    ) -> tuple[dict[int, dict[str, Any]], list[Shard]]:
+        """(commit records of the shards committed intact by index, shards still to do), logged."""
+        committed = self.committed_shards(shards, data_files)
+        records = {i: self.read_record(shards[i]) for i in sorted(committed)}
+        if committed:
+            log.info("resuming: %d of %d shards already committed", len(committed), len(shards))
+        return records, [s for s in shards if s.index not in committed]
+
     def read_record(self, shard: Shard) -> dict[str, Any]:
         """The commit record of a shard (as validated by `committed_shards` when it was)."""
         if shard.index in self._records:

@@ -167,11 +167,7 @@ def extract_images(
         log.info("dry run: stopping before any work")
         return None
     folder.prepare(identity, flags.overwrite, ["part-*.parquet", "errors"])
-    committed = folder.committed_shards(shards, lambda s: f"{s.name}.parquet")
-    records = {i: folder.read_record(shards[i]) for i in sorted(committed)}
-    pending = [s for s in shards if s.index not in committed]
-    if committed:
-        log.info("resuming: %d of %d shards already committed", len(committed), len(shards))
+    records, pending = folder.resume(shards, lambda s: f"{s.name}.parquet")
     if pending:  # else every shard is committed and only the manifest is missing
         with _ray.ray_session():
             device = resolve_device(flags.device)
@@ -179,7 +175,7 @@ def extract_images(
                 pending, FeatureActor,
                 {"spec": spec.to_json(), "device": device, "feature_dtype": feature_dtype},
                 flags, device=device, resize=spec.resize, crop=spec.crop, label="extract",
-                done_images=sum(len(shards[i].uris) for i in committed), total_images=len(uris),
+                done_images=sum(len(shards[i].uris) for i in records), total_images=len(uris),
             ):
                 records[shard.index] = _write_shard(folder, shard, columns, feature_dtype)
     ordered = [records[s.index] for s in shards]

@@ -236,11 +236,7 @@ def run(cfg: ScoreConfig) -> int:
         return 0
     with folder.locked():  # a second run into the same --out stops here (FolderLockedError)
         folder.prepare(identity, cfg.overwrite, DATA_DIRS)
-        committed = folder.committed_shards(shards, lambda s: f"scores/{s.name}.parquet")
-        records = {i: folder.read_record(shards[i]) for i in sorted(committed)}
-        pending = [s for s in shards if s.index not in committed]
-        if committed:
-            log.info("resuming: %d of %d shards already committed", len(committed), len(shards))
+        records, pending = folder.resume(shards, lambda s: f"scores/{s.name}.parquet")
         if pending:  # else every shard is committed and only the manifest is missing
             with _ray.ray_session():
                 device = resolve_device(cfg.device)
@@ -250,7 +246,7 @@ def run(cfg: ScoreConfig) -> int:
                 for shard, columns in stream_shards(
                     pending, ScoreActor, actor_kwargs, cfg, device=device, resize=spec.resize,
                     crop=spec.crop, label="score", extra={"key": keys},
-                    done_images=sum(len(shards[i].uris) for i in committed),
+                    done_images=sum(len(shards[i].uris) for i in records),
                     total_images=len(uris),
                 ):
                     records[shard.index] = _write_shard(folder, shard, columns, image_threshold)
