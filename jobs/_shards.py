@@ -459,6 +459,11 @@ def node_cpus() -> list[float]:
     return [c for c in counts if c > 0]
 
 
+def _actors_on(node_cpus: float, share: float) -> int:
+    """Automatic CPU actors of `share` CPUs on a node: as many as leave DECODE_CPUS, at least one."""
+    return max(1, int((node_cpus - DECODE_CPUS) // share))
+
+
 def _auto_cpu_actors(nodes: list[float], cpus_per_worker: float) -> tuple[int, float]:
     """(actors, CPUs each) filling every node with CPU actors but DECODE_CPUS.
 
@@ -471,7 +476,7 @@ def _auto_cpu_actors(nodes: list[float], cpus_per_worker: float) -> tuple[int, f
     share = min(cpus_per_worker, _floor_ray((smallest - DECODE_CPUS) / per_smallest))
     if share <= 0:  # a node with at most DECODE_CPUS CPUs: nothing fits; the caller explains
         return len(nodes), cpus_per_worker
-    return sum(max(1, int((c - DECODE_CPUS) // share)) for c in nodes), share
+    return sum(_actors_on(c, share) for c in nodes), share
 
 
 def resolve_resources(flags: PipelineFlags, device: str) -> tuple[int, float, float]:
@@ -498,7 +503,7 @@ def resolve_resources(flags: PipelineFlags, device: str) -> tuple[int, float, fl
     reserved = workers * actor_cpus
     spare = cpus - reserved
     if not flags.workers and device != "cuda":  # actors packed per node: what one node keeps
-        spare = min(c - max(1, int((c - DECODE_CPUS) // actor_cpus)) * actor_cpus for c in nodes)
+        spare = min(c - _actors_on(c, actor_cpus) * actor_cpus for c in nodes)
     decode_cpus = min(1.0, max(DECODE_CPUS, _floor_ray(spare)))
     if spare >= DECODE_CPUS:
         return workers, actor_cpus, decode_cpus
