@@ -19,16 +19,24 @@ import re
 from collections.abc import Sequence
 
 MIB = 1 << 20
+NUMBER = re.compile(r"[0-9.]+")  # "2,931.0 (extrapolated from 500 steps)" -> 2931.0 once commas go
 SERIES = (("all_pss", "all processes (PSS)"), ("driver_rss", "driver (RSS)"),
           ("worker_rss", "largest Ray worker (RSS)"), ("driver_anon", "driver, private heap"),
           ("worker_anon", "largest worker, private heap"))
 
 
-def plot_memory(record: dict, out: str) -> None:
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported only when plotting
+    """matplotlib.pyplot drawing to files only (no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_memory(record: dict, out: str) -> None:
+    plt = _pyplot()
 
     panels = [(stage, "images" if stage != "coreset" else "rows") for stage in ("extract", "score", "coreset")
               if stage in record]
@@ -80,11 +88,10 @@ def read_coreset_tables(paths: Sequence[str]) -> list[dict]:
                 if not header:
                     raise ValueError(f"{path}: table row before the header line: {line.strip()!r}")
                 row = dict(zip(header, cells))
-                number = re.compile(r"[0-9.]+")  # "2,931.0 (extrapolated from 500 steps)" -> 2931.0
                 rows.append({
                     "n": int(row["N"].replace(",", "")), "ratio": float(row["ratio"]),
                     "steps": int(row["steps"].replace(",", "")),
-                    "plain_s": float(number.match(row["plain s"].replace(",", "")).group()),
+                    "plain_s": float(NUMBER.match(row["plain s"].replace(",", "")).group()),
                     "fast_s": float(row["fast s"].replace(",", "")),
                     "extrapolated": "extrapolated" in row["plain s"],
                 })
@@ -94,10 +101,7 @@ def read_coreset_tables(paths: Sequence[str]) -> list[dict]:
 
 
 def plot_coreset(rows: list[dict], out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for ratio in sorted({r["ratio"] for r in rows}, reverse=True):
