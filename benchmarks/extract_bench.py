@@ -147,7 +147,8 @@ def stage_split(paths: Sequence[str], extractor: backbone.FeatureExtractor, spec
                 with clock("forward"):
                     maps = extractor(images)
                 with clock("aggregate"):
-                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim)
+                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim,
+                                                    aggregation=spec.aggregation)
                 with clock("float16"):
                     half = feats.to(torch.float16)  # as the actor casts
                 row_ids, ys, xs, flat = model.flatten_patches(half, chunk)

@@ -85,7 +85,8 @@ def stage_split(paths: Sequence[str], bank_uri: str, batch_size: int, folder: st
                 with clock("forward"):
                     maps = patchcore.extractor(images)
                 with clock("aggregate"):
-                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim)
+                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim,
+                                                    aggregation=spec.aggregation)
                 B, h, w, D = feats.shape
                 # model.score_patches, step by step: nearest bank entry of every patch (Eq. 6) ...
                 queries = feats.reshape(B * h * w, D)

@@ -1,6 +1,7 @@
-"""Locally aware patch features (paper §3.1, Eqs. 1–3), as the authors' code computes them.
+"""Locally aware patch features (paper §3.1, Eqs. 1–3).
 
-Owns backbone feature maps -> one D-dim embedding per position of the shallowest grid.
+Owns backbone feature maps -> one D-dim embedding per position of the shallowest grid, by the
+paper's per-channel local averaging (default) or by the authors' code's unfold + pool.
 """
 
 from __future__ import annotations
@@ -9,28 +10,36 @@ import torch
 import torch.nn.functional as F
 
 from patchcore_core.backbone import FeatureExtractor
-from patchcore_core.spec import ModelSpec
+from patchcore_core.spec import AGGREGATIONS, ModelSpec
 
 
 def patch_features(
-    feature_maps: list[torch.Tensor], patch_size: int, embed_dim: int
+    feature_maps: list[torch.Tensor], patch_size: int, embed_dim: int, *, aggregation: str
 ) -> torch.Tensor:
     """Aggregate p×p neighbourhoods of each layer and fuse layers into one embedding per patch.
 
     feature_maps: per layer (B, C_l, h_l, w_l); the first map sets the output grid (h, w).
     Returns (B, h, w, embed_dim) float32.
 
-    Per layer: the p×p neighbourhood N_p (Eq. 1, zero padded, stride s = 1) gives C_l*p*p values
-    per position, flattened channel-major; adaptive average pooling reduces each position to
-    embed_dim (f_agg of Eq. 2); deeper layers are bilinearly resized to (h, w). The L layer
-    vectors are concatenated and pooled again to embed_dim. The authors' code resizes before the
-    per-layer pooling; both are linear, one along the value axis and one along the grid, so they
-    commute, and resizing embed_dim maps instead of C_l*p*p is several times cheaper.
+    aggregation "paper" (§3.1, Eq. 2, "similar to local smoothing over each individual feature
+    map"): each channel is averaged over the p×p neighbourhood N_p at stride 1 (the mean of the
+    neighbours inside the map, so border patches are not darkened by padding), then the C_l
+    channels are adaptive-average-pooled to embed_dim (a repeat when C_l < embed_dim).
+    aggregation "authors" (the authors' code): N_p's C_l*p*p values (zero padded, channel-major)
+    are adaptive-average-pooled to embed_dim as one vector; for C_l*p*p < embed_dim every bin
+    holds one or two values, so nothing is averaged over space.
+    Both: deeper layers are bilinearly resized to (h, w); the L layer vectors are concatenated
+    and pooled again to embed_dim. The authors' code resizes before the per-layer pooling; both
+    are linear, one along the value axis and one along the grid, so they commute, and resizing
+    embed_dim maps instead of C_l*p*p is several times cheaper.
     """
     if not feature_maps:
         raise ValueError("feature_maps is empty; request at least one backbone layer")
     if patch_size < 1 or patch_size % 2 != 1:
         raise ValueError(f"patch_size must be a positive odd number, got {patch_size}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}")
+    neighbourhood = _local_means if aggregation == "paper" else _neighbourhoods
     B, _, h, w = feature_maps[0].shape
     D, L = embed_dim, len(feature_maps)
     out = torch.empty(B, h, w, D, device=feature_maps[0].device)
@@ -40,7 +49,7 @@ def patch_features(
         stacked = out.new_empty(L * D, h * w)  # layer-major rows, one column per position
         for layer, fmap in enumerate(feature_maps):
             h_l, w_l = fmap.shape[2:]
-            pooled = _pool_rows(_neighbourhoods(fmap[b].float(), patch_size), D)  # (D, h_l*w_l)
+            pooled = _pool_rows(neighbourhood(fmap[b].float(), patch_size), D)  # (D, h_l*w_l)
             rows = stacked[layer * D : (layer + 1) * D]
             if (h_l, w_l) == (h, w):
                 rows.copy_(pooled)
@@ -51,6 +60,15 @@ def patch_features(
             rows.copy_(resized.permute(0, 2, 3, 1).reshape(h * w, D).t())
         out[b].view(h * w, D).copy_(_pool_rows(stacked, D).t())
     return out
+
+
+def _local_means(fmap: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, H*W): each channel's mean over the p×p neighbourhood of every position,
+    counting only neighbours inside the map (Eq. 2 as local smoothing)."""
+    C, H, W = fmap.shape
+    r = patch_size // 2
+    means = F.avg_pool2d(fmap[None], patch_size, stride=1, padding=r, count_include_pad=False)
+    return means.reshape(C, H * W)
 
 
 def _neighbourhoods(fmap: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -68,6 +86,8 @@ def _pool_rows(values: torch.Tensor, size: int) -> torch.Tensor:
     F.adaptive_avg_pool1d pools a row. Viewed as a channels-last (1, n, K, 1) image, the pooling
     runs vectorised over the n columns instead of one window at a time."""
     K, n = values.shape
+    if K == size:
+        return values  # every bin holds exactly one value
     image = values.view(1, K, 1, n).permute(0, 3, 1, 2)  # (1, n, K, 1), memory order (K, n)
     return F.adaptive_avg_pool2d(image, (size, 1)).permute(0, 2, 3, 1).reshape(size, n)
 
@@ -82,4 +102,6 @@ def embed(extractor: FeatureExtractor, images: torch.Tensor, spec: ModelSpec) ->
     device = next(extractor.parameters()).device
     with torch.inference_mode():
         feature_maps = extractor(images.to(device))
-        return patch_features(feature_maps, spec.patch_size, spec.embed_dim)
+        return patch_features(
+            feature_maps, spec.patch_size, spec.embed_dim, aggregation=spec.aggregation
+        )

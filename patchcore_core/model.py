@@ -70,7 +70,7 @@ def load_images(
             image = preprocess.decode_image(data)
         except ValueError as err:
             raise ValueError(f"cannot read image {uri}: {err}") from err
-        tensors.append(preprocess.to_tensor(image, spec.resize, spec.crop))
+        tensors.append(preprocess.to_tensor(image, spec.resize, spec.crop, frame=spec.frame))
     if not tensors:
         return torch.empty(0, 3, spec.crop, spec.crop)
     return torch.stack(tensors)

@@ -1,7 +1,8 @@
 """Image decoding and the crop geometry in front of the backbone (DESIGN.md §3, paper §4.1).
 
-Owns bytes -> RGB image, image -> normalised crop tensor, and mapping crop-space maps back onto
-the original image. The resize/crop rounding follows torchvision's Resize + CenterCrop on PIL.
+Owns bytes -> RGB image, image -> normalised backbone input (centre crop or full frame), and
+mapping those maps back onto the original image. The resize/crop rounding follows torchvision's
+Resize + CenterCrop; resampling runs in float (no 8-bit rounding after decoding).
 """
 
 from __future__ import annotations
@@ -132,39 +133,63 @@ def _crop_origin(width: int, height: int, crop: int) -> tuple[int, int]:
 
 
 def to_tensor(
-    image: Image.Image, resize: int, crop: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: Image.Image,
+    resize: int,
+    crop: int,
+    *,
+    frame: str = "crop",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
-    """RGB image -> (3, crop, crop) float32 backbone input.
+    """RGB image -> (3, crop, crop) float32 backbone input, resampled in float.
 
-    Shorter side resized to `resize` px (Pillow bilinear, which antialiases when shrinking),
-    centre crop of `crop` px, then ImageNet mean/std normalisation of the [0, 1] values.
+    frame "crop": shorter side resized to `resize` px, then the centre `crop` px (the paper's
+    protocol). frame "full": the whole image resized to crop x crop (aspect ratio not kept).
+    Resampling is Pillow's bilinear filter (antialiased: its support widens with the shrink
+    factor) on each channel as 32-bit float, computed for the inspected box only, so no value is
+    rounded to 8 bits after the decode; then ImageNet mean/std normalisation of the [0, 1] values.
     ValueError when the resized image would exceed `max_pixels` (an extreme aspect ratio such as
     1 x 100000 px grows to resize x 100000 * resize before the crop).
     """
     if image.mode != "RGB":
         raise ValueError(f"to_tensor needs an RGB image, got mode {image.mode!r}; use decode_image")
-    new_width, new_height = _resized_size(image.width, image.height, resize)
-    if new_width * new_height > max_pixels:
-        raise ValueError(
-            f"image of {image.width}x{image.height} would be resized to {new_width}x{new_height} "
-            f"> max_pixels={max_pixels} (extreme aspect ratio); crop it or raise max_pixels"
+    if frame == "crop":
+        new_width, new_height = _resized_size(image.width, image.height, resize)
+        if new_width * new_height > max_pixels:
+            raise ValueError(
+                f"image of {image.width}x{image.height} would be resized to "
+                f"{new_width}x{new_height} > max_pixels={max_pixels} (extreme aspect ratio); "
+                "crop it or raise max_pixels"
+            )
+    box = crop_box(image.width, image.height, resize, crop, frame=frame)
+    rgb = np.asarray(image)  # (H, W, 3) uint8
+    # Resampling `box` to crop x crop equals resizing the whole image and cutting the crop out:
+    # output pixel i samples box_left + (i + 0.5) * box_width / crop with the same filter width.
+    channels = [
+        np.asarray(
+            Image.fromarray(rgb[:, :, c].astype(np.float32), mode="F").resize(
+                (crop, crop), Image.Resampling.BILINEAR, box=box
+            )
         )
-    left, top = _crop_origin(new_width, new_height, crop)
-    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-    cropped = np.asarray(
-        resized.crop((left, top, left + crop, top + crop))
-    )  # (crop, crop, 3) uint8
-    pixels = torch.from_numpy(cropped.copy()).permute(2, 0, 1).float() / 255.0
+        for c in range(3)
+    ]
+    pixels = torch.from_numpy(np.stack(channels)) / 255.0  # (3, crop, crop) in [0, 1]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (pixels - mean) / std
 
 
-def crop_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) of the `to_tensor` crop in original-image pixel coordinates.
+def crop_box(
+    width: int, height: int, resize: int, crop: int, *, frame: str = "crop"
+) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the inspected box (`to_tensor`) in original-image pixels.
 
-    Coordinates are continuous: pixel x spans [x, x + 1). The box may have fractional edges.
+    Coordinates are continuous: pixel x spans [x, x + 1). The crop box may have fractional
+    edges; the full frame is (0, 0, width, height).
     """
+    if frame == "full":
+        return 0.0, 0.0, float(width), float(height)
+    if frame != "crop":
+        raise ValueError(f"frame must be 'crop' or 'full', got {frame!r}")
     new_width, new_height = _resized_size(width, height, resize)
     left, top = _crop_origin(new_width, new_height, crop)
     scale_x, scale_y = width / new_width, height / new_height  # original px per resized px
@@ -191,15 +216,17 @@ def _linear_taps(
     return i0, i1, (position - i0).float()
 
 
-def uncrop_map(amap: torch.Tensor, width: int, height: int, resize: int, crop: int) -> torch.Tensor:
+def uncrop_map(
+    amap: torch.Tensor, width: int, height: int, resize: int, crop: int, *, frame: str = "crop"
+) -> torch.Tensor:
     """Place a (crop, crop) anomaly map onto the original (height, width) image.
 
     Bilinear interpolation at each original pixel centre inside `crop_box`; pixels whose centre
-    lies outside the box get 0. Same units as `amap`, float32.
+    lies outside the box get 0 (none for frame "full"). Same units as `amap`, float32.
     """
     if amap.shape != (crop, crop):
         raise ValueError(f"amap must have shape ({crop}, {crop}), got {tuple(amap.shape)}")
-    left, top, right, bottom = crop_box(width, height, resize, crop)
+    left, top, right, bottom = crop_box(width, height, resize, crop, frame=frame)
     # Pixels whose centre c + 0.5 falls in [left, right) x [top, bottom).
     x0, x1 = math.ceil(left - 0.5), math.ceil(right - 0.5)
     y0, y1 = math.ceil(top - 0.5), math.ceil(bottom - 0.5)

@@ -11,6 +11,28 @@ import torch
 import torch.nn.functional as F
 
 
+def eq7_weights(query_to_neighbours: torch.Tensor) -> torch.Tensor:
+    """The factor w = 1 - softmax(row)[0] of Eq. 7, per image, (B, b) -> (B,) float64 in [0, 1).
+
+    query_to_neighbours[:, j] = ||m_test* - n_j|| in feature units, n_0 = m* (the nearest).
+    w = sum_{j>0} exp(d_j) / sum_j exp(d_j). The softmax is over raw Euclidean distances: when
+    they differ by more than a few units, as they do at the scale of CNN features (tens of
+    units), exp(d_0) is negligible and w rounds to 1.0, so Eq. 7 reduces to the plain max.
+    """
+    if query_to_neighbours.ndim != 2 or query_to_neighbours.shape[1] < 1:
+        raise ValueError(
+            "query_to_neighbours must be (B, b) with b >= 1 (b = 1: plain max), "
+            f"got {tuple(query_to_neighbours.shape)}"
+        )
+    dists = query_to_neighbours.to(torch.float64)
+    if dists.shape[1] == 1:
+        return torch.ones(dists.shape[0], dtype=torch.float64, device=dists.device)
+    # Shifting by the row max keeps exp finite, and summing j > 0 directly avoids cancellation
+    # in 1 - p when p is close to 1.
+    shifted = torch.exp(dists - dists.max(dim=1, keepdim=True).values)  # (B, b), in (0, 1]
+    return shifted[:, 1:].sum(dim=1) / shifted.sum(dim=1)
+
+
 def reweighted_image_scores(
     max_dists: torch.Tensor, query_to_neighbours: torch.Tensor
 ) -> torch.Tensor:
@@ -18,7 +40,7 @@ def reweighted_image_scores(
 
     max_dists: (B,) s* = ||m_test* - m*||. query_to_neighbours: (B, b), column j holds
     ||m_test* - n_j|| for the b nearest bank rows n_j of m* (n_0 = m* itself, so column 0 = s*).
-    s = (1 - softmax(row)[0]) * s*; b == 1 gives s = s* (plain max, as the authors' code).
+    s = eq7_weights(row) * s*; b == 1 gives s = s* (plain max, as the authors' code).
     Returns (B,) float64.
     """
     if query_to_neighbours.ndim != 2 or max_dists.shape != query_to_neighbours.shape[:1]:
@@ -26,17 +48,10 @@ def reweighted_image_scores(
             f"need max_dists (B,) and query_to_neighbours (B, b), got {tuple(max_dists.shape)} "
             f"and {tuple(query_to_neighbours.shape)}"
         )
-    if query_to_neighbours.shape[1] < 1:
-        raise ValueError("query_to_neighbours needs b >= 1 columns (b = 1: plain max)")
     max_dists = max_dists.to(torch.float64)
     if query_to_neighbours.shape[1] == 1:
         return max_dists
-    dists = query_to_neighbours.to(torch.float64)
-    # 1 - softmax[0] = sum_{j>0} exp(d_j) / sum_j exp(d_j); shifting by the row max keeps exp
-    # finite, and summing j > 0 directly avoids cancellation in 1 - p when p is close to 1.
-    shifted = torch.exp(dists - dists.max(dim=1, keepdim=True).values)  # (B, b), in (0, 1]
-    weight = shifted[:, 1:].sum(dim=1) / shifted.sum(dim=1)
-    return weight * max_dists
+    return eq7_weights(query_to_neighbours) * max_dists
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:

@@ -11,7 +11,19 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+# Version 1 specs predate `aggregation` and `frame`; they were built with the authors' unfold +
+# pool aggregation on the centre crop, so that is what their missing keys mean.
+_V1_DEFAULTS = {"aggregation": "authors", "frame": "crop"}
+
+# How a p×p neighbourhood becomes one vector per layer (features.patch_features):
+# paper = per-channel p×p average (§3.1, Eq. 2: "local smoothing over each individual feature
+# map"), then channels pooled to embed_dim; authors = the authors' code: unfold the C*p*p values
+# and adaptive-pool that vector to embed_dim (for C*p*p < embed_dim nothing is averaged over space).
+AGGREGATIONS = ("paper", "authors")
+# Which part of the input is inspected (preprocess.to_tensor): crop = shorter side to `resize`,
+# centre crop of `crop` (the paper's protocol); full = the whole input resized to crop x crop.
+FRAMES = ("crop", "full")
 
 # Backbone name -> (default layers, allowed layers). Strides/channels live in backbone.py.
 BACKBONE_LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -42,6 +54,8 @@ class ModelSpec:
     embed_dim: int = 1024  # width of one patch embedding (D)
     reweight_neighbors: int = 9  # b of Eq. 7; 1 = plain max patch distance
     sigma: float = 4.0  # Gaussian smoothing of anomaly maps, in crop pixels (paper §3.3)
+    aggregation: str = "paper"  # one of AGGREGATIONS
+    frame: str = "crop"  # one of FRAMES
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_LAYERS:
@@ -70,6 +84,16 @@ class ModelSpec:
             raise ValueError(
                 f"need crop >= 32 and resize >= crop, got resize={self.resize}, crop={self.crop}"
             )
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {list(AGGREGATIONS)}, got {self.aggregation!r} "
+                "(paper: per-channel p x p averaging; authors: the reference code's unfold + pool)"
+            )
+        if self.frame not in FRAMES:
+            raise ValueError(
+                f"frame must be one of {list(FRAMES)}, got {self.frame!r} (crop: centre crop as in "
+                "the paper; full: the whole input is inspected)"
+            )
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
         if self.reweight_neighbors < 1:
@@ -91,10 +115,12 @@ class ModelSpec:
         """Inverse of `to_json`; rejects unknown keys, wrong types and other spec versions."""
         data = dict(data)
         version = data.pop("spec_version", None)
-        if version != SPEC_VERSION:
+        if version == 1:
+            data = {**_V1_DEFAULTS, **data}
+        elif version != SPEC_VERSION:
             raise ValueError(
-                f"model spec version {version!r} is not supported (this build reads {SPEC_VERSION}); "
-                "re-create the artifact with this version"
+                f"model spec version {version!r} is not supported (this build reads 1 and "
+                f"{SPEC_VERSION}); re-create the artifact with this version"
             )
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}

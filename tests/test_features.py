@@ -1,4 +1,5 @@
-"""features: patch_features against a loop-by-loop reading of paper §3.1 / the authors' code."""
+"""features: patch_features against loop-by-loop readings of paper §3.1 (per-channel local
+averaging) and of the authors' code (unfold + pool), and the shift property that motivates it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchcore_core import backbone, features
+import numpy as np
+from PIL import Image
+
+from patchcore_core import backbone, features, preprocess
 from patchcore_core.spec import ModelSpec
 
 
@@ -35,6 +39,26 @@ def naive_neighbourhood(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> l
     return values
 
 
+def naive_local_means(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> list[float]:
+    """Per channel, the mean of the p×p neighbours of (y, x) that lie inside the map (Eq. 2 read
+    as local smoothing of each feature map)."""
+    _, C, H, W = fmap.shape
+    r = p // 2
+    values = []
+    for c in range(C):
+        inside = [
+            float(fmap[b, c, y + dy, x + dx])
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+            if 0 <= y + dy < H and 0 <= x + dx < W
+        ]
+        values.append(sum(inside) / len(inside))
+    return values
+
+
+NAIVE = {"authors": naive_neighbourhood, "paper": naive_local_means}
+
+
 def naive_bilinear_taps(out_index: int, out_size: int, in_size: int) -> tuple[int, int, float]:
     """align_corners=False source taps: centre-aligned, clamped at the border."""
     source = max((out_index + 0.5) * in_size / out_size - 0.5, 0.0)
@@ -43,7 +67,10 @@ def naive_bilinear_taps(out_index: int, out_size: int, in_size: int) -> tuple[in
     return i0, i1, source - i0
 
 
-def naive_patch_features(maps: list[torch.Tensor], p: int, embed_dim: int) -> torch.Tensor:
+def naive_patch_features(
+    maps: list[torch.Tensor], p: int, embed_dim: int, aggregation: str
+) -> torch.Tensor:
+    neighbourhood = NAIVE[aggregation]
     B, _, h, w = maps[0].shape
     out = torch.zeros(B, h, w, embed_dim, dtype=torch.float64)
     for b in range(B):
@@ -55,10 +82,10 @@ def naive_patch_features(maps: list[torch.Tensor], p: int, embed_dim: int) -> to
                     y0, y1, wy = naive_bilinear_taps(y, h, h_l)
                     x0, x1, wx = naive_bilinear_taps(x, w, w_l)
                     corners = [
-                        (naive_neighbourhood(fmap, b, y0, x0, p), (1 - wy) * (1 - wx)),
-                        (naive_neighbourhood(fmap, b, y0, x1, p), (1 - wy) * wx),
-                        (naive_neighbourhood(fmap, b, y1, x0, p), wy * (1 - wx)),
-                        (naive_neighbourhood(fmap, b, y1, x1, p), wy * wx),
+                        (neighbourhood(fmap, b, y0, x0, p), (1 - wy) * (1 - wx)),
+                        (neighbourhood(fmap, b, y0, x1, p), (1 - wy) * wx),
+                        (neighbourhood(fmap, b, y1, x0, p), wy * (1 - wx)),
+                        (neighbourhood(fmap, b, y1, x1, p), wy * wx),
                     ]
                     values = [
                         sum(vec[k] * weight for vec, weight in corners)
@@ -69,6 +96,7 @@ def naive_patch_features(maps: list[torch.Tensor], p: int, embed_dim: int) -> to
     return out
 
 
+@pytest.mark.parametrize("aggregation", ["paper", "authors"])
 @pytest.mark.parametrize(
     ("shapes", "patch_size", "embed_dim"),
     [
@@ -78,11 +106,13 @@ def naive_patch_features(maps: list[torch.Tensor], p: int, embed_dim: int) -> to
         ([(4, 4, 4)], 1, 4),  # one layer, p = 1
     ],
 )
-def test_patch_features_match_naive_loops(shapes: list, patch_size: int, embed_dim: int) -> None:
+def test_patch_features_match_naive_loops(
+    shapes: list, patch_size: int, embed_dim: int, aggregation: str
+) -> None:
     generator = torch.Generator().manual_seed(0)
     maps = [torch.randn(2, *shape, generator=generator) for shape in shapes]
-    result = features.patch_features(maps, patch_size, embed_dim)
-    expected = naive_patch_features(maps, patch_size, embed_dim)
+    result = features.patch_features(maps, patch_size, embed_dim, aggregation=aggregation)
+    expected = naive_patch_features(maps, patch_size, embed_dim, aggregation)
     assert result.shape == (2, shapes[0][1], shapes[0][2], embed_dim)
     assert result.dtype == torch.float32
     torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=0)
@@ -112,25 +142,70 @@ def resize_then_pool(maps: list[torch.Tensor], p: int, embed_dim: int) -> torch.
         ([(6, 10, 10), (6, 10, 10)], 5, 16),  # equal grids: nothing is resized
     ],
 )
-def test_patch_features_match_the_resize_then_pool_order(
+def test_authors_aggregation_matches_the_resize_then_pool_order(
     shapes: list, patch_size: int, embed_dim: int
 ) -> None:
     generator = torch.Generator().manual_seed(3)
     maps = [3 * torch.rand(3, *shape, generator=generator) for shape in shapes]
     expected = resize_then_pool(maps, patch_size, embed_dim)
-    torch.testing.assert_close(features.patch_features(maps, patch_size, embed_dim), expected,
-                               atol=1e-5, rtol=1e-6)
+    result = features.patch_features(maps, patch_size, embed_dim, aggregation="authors")
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-6)
 
 
-def test_single_layer_p1_full_width_is_the_feature_map_itself() -> None:
+@pytest.mark.parametrize("aggregation", ["paper", "authors"])
+def test_single_layer_p1_full_width_is_the_feature_map_itself(aggregation: str) -> None:
     fmap = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1))
-    result = features.patch_features([fmap], patch_size=1, embed_dim=6)
+    result = features.patch_features([fmap], patch_size=1, embed_dim=6, aggregation=aggregation)
     torch.testing.assert_close(result, fmap.permute(0, 2, 3, 1), atol=0, rtol=0)
+
+
+def test_paper_aggregation_of_a_constant_map_is_that_constant_everywhere() -> None:
+    # A local *average*: borders included (no zero padding pulls them down), any p, any D.
+    fmap = torch.full((1, 5, 6, 6), 2.5)
+    result = features.patch_features([fmap], patch_size=5, embed_dim=12, aggregation="paper")
+    torch.testing.assert_close(result, torch.full((1, 6, 6, 12), 2.5), atol=1e-6, rtol=0)
+
+
+def test_patch_features_rejects_unknown_aggregation() -> None:
+    with pytest.raises(ValueError, match="paper"):
+        features.patch_features([torch.zeros(1, 2, 4, 4)], 3, 4, aggregation="mean")
+
+
+def _relative_shift_change(spec: ModelSpec, texture: np.ndarray) -> float:
+    """Mean ||f(x) - f(x shifted by one input pixel)|| / ||f(x)|| over interior patches."""
+    extractor = backbone.load_backbone(spec)
+    size = spec.crop
+    views = [texture[100 : 100 + size, 100 + dx : 100 + dx + size] for dx in (0, 1)]
+    images = torch.stack(
+        [preprocess.to_tensor(Image.fromarray(v), size, size) for v in views]
+    )
+    out = features.embed(extractor, images, spec)[:, 2:-2, 2:-2]  # (2, h-4, w-4, D)
+    return float(((out[0] - out[1]).norm(dim=-1) / out[0].norm(dim=-1)).mean())
+
+
+def test_one_pixel_shift_of_a_texture_barely_moves_paper_features() -> None:
+    # efficientnet_lite0 with its ImageNet weights (C*p*p = 360 and 1008 < D = 1024): the authors'
+    # pooling keeps the raw 3×3 stencil, so a one-pixel shift of gravel changes every patch by a
+    # third; per-channel averaging keeps the change to what the backbone maps themselves do.
+    from skimage import data
+
+    texture = np.repeat(data.gravel()[..., None], 3, axis=2)  # (512, 512, 3) uint8
+    changes = {
+        aggregation: _relative_shift_change(
+            ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=128,
+                      crop=128, aggregation=aggregation),
+            texture,
+        )
+        for aggregation in ("paper", "authors")
+    }
+    assert changes["paper"] < 0.25, changes
+    assert changes["authors"] > 1.3 * changes["paper"], changes
 
 
 def test_patch_features_rejects_even_patch_size() -> None:
     with pytest.raises(ValueError, match="odd"):
-        features.patch_features([torch.zeros(1, 2, 4, 4)], patch_size=2, embed_dim=4)
+        features.patch_features([torch.zeros(1, 2, 4, 4)], patch_size=2, embed_dim=4,
+                                aggregation="paper")
 
 
 def test_wide_resnet50_at_224_gives_28x28_patches_of_1024_dims() -> None:
@@ -157,7 +232,8 @@ def test_embed_equals_patch_features_of_extractor_outputs() -> None:
     with torch.no_grad():
         maps = extractor(images)
     assert out.shape == (2, 8, 8, 32)
-    torch.testing.assert_close(out, features.patch_features(maps, 3, 32), atol=0, rtol=0)
+    expected = features.patch_features(maps, 3, 32, aggregation=spec.aggregation)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
 def test_embed_rejects_wrong_image_shape() -> None:

@@ -112,13 +112,16 @@ def test_fit_then_predict_detects_and_localises_synthetic_defects(
     pixel_auroc = roc_auc_score(data["masks"].ravel(), prediction.maps.numpy().ravel())
     assert image_auroc >= 0.95, image_auroc
     assert pixel_auroc >= 0.9, pixel_auroc
-    # The hottest pixel of a defective image lies within 1.5 patch strides (12 px) of its defect.
+    # The hottest pixel of a defective image lies within 2 patch strides (16 px) of its defect.
     # (The authors' feature geometry, which features/scoring follow, centres grid cell i at
     # 8i + 3.5 px although the backbone's receptive fields centre at 8i, and the upsampled deeper
-    # layer adds 4 px more: maps sit about one stride down-right of the defect.)
+    # layer adds 4 px more: maps sit about one stride down-right of the defect. The paper's 3×3
+    # local averaging of the stride-16 layer spreads a defect's response over 48 px: measured
+    # here, 2 of 10 peaks lie 14-15 px from their defect, against none past 12 px with the
+    # authors' unfold + pool, which keeps each patch's raw stencil.)
     hits = 0
     for (y, x), mask in zip(prediction.max_yx[10:].tolist(), data["masks"][10:], strict=True):
-        hits += bool(mask[max(0, y - 12) : y + 13, max(0, x - 12) : x + 13].any())
+        hits += bool(mask[max(0, y - 16) : y + 17, max(0, x - 16) : x + 17].any())
     assert hits >= 9, hits
 
 

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from patchcore_core import preprocess
@@ -201,3 +202,63 @@ def test_uncrop_map_interpolates_a_ramp_bilinearly(axis: str) -> None:
             along = (x + 0.5 - 30) / 2 - 0.5 if axis == "x" else (y + 0.5 - 4) / 2 - 0.5
             expected = min(max(along, 0.0), 19.0) if inside else 0.0
             assert out[y, x].item() == pytest.approx(expected, abs=1e-6), (y, x)
+
+
+def _antialiased_reference(pixels: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float in [0, 1] by torch's antialiased bilinear resize, an
+    implementation independent of Pillow's."""
+    image = torch.from_numpy(pixels).permute(2, 0, 1).double()[None] / 255
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "resize", "crop"),
+    [(300, 200, 256, 224), (97, 130, 64, 56), (640, 480, 72, 64), (50, 40, 72, 64)],
+)
+def test_to_tensor_resamples_in_float_like_an_antialiased_resize_then_crop(
+    width: int, height: int, resize: int, crop: int
+) -> None:
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    tensor = preprocess.to_tensor(Image.fromarray(pixels), resize, crop)
+    new_w, new_h = (resize, int(resize * height / width)) if width <= height else (
+        int(resize * width / height), resize)
+    left, top = round((new_w - crop) / 2), round((new_h - crop) / 2)
+    window = _antialiased_reference(pixels, (new_h, new_w))[:, top : top + crop, left : left + crop]
+    # Both are float resamplers of the same triangle filter; they differ only in rounding and
+    # at the border (Pillow renormalises the clipped filter): 1e-5 of a normalised unit here.
+    torch.testing.assert_close(tensor.double(), (window - MEAN.double()) / STD.double(), atol=2e-5,
+                               rtol=0)
+
+
+def test_to_tensor_keeps_sub_grey_level_detail_that_8_bit_resizing_rounds_away() -> None:
+    # A 2x shrink of alternating 100/101 columns averages to 100.5: representable in float only.
+    pixels = np.zeros((64, 128, 3), dtype=np.uint8)
+    pixels[:, 0::2], pixels[:, 1::2] = 100, 101
+    tensor = preprocess.to_tensor(Image.fromarray(pixels), resize=32, crop=32, frame="full")
+    grey = tensor * STD + MEAN  # back to [0, 1]
+    torch.testing.assert_close(grey[:, 4:-4, 4:-4] * 255, torch.full((3, 24, 24), 100.5),
+                               atol=1e-3, rtol=0)
+
+
+def test_full_frame_resizes_the_whole_input_and_crop_box_is_the_image() -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    tensor = preprocess.to_tensor(Image.fromarray(pixels), resize=48, crop=48, frame="full")
+    expected = (_antialiased_reference(pixels, (48, 48)) - MEAN.double()) / STD.double()
+    torch.testing.assert_close(tensor.double(), expected, atol=2e-5, rtol=0)
+    assert preprocess.crop_box(90, 60, 48, 48, frame="full") == (0.0, 0.0, 90.0, 60.0)
+
+
+def test_uncrop_map_of_full_frame_covers_every_input_pixel() -> None:
+    out = preprocess.uncrop_map(torch.ones(20, 20), width=100, height=50, resize=25, crop=20,
+                                frame="full")
+    torch.testing.assert_close(out, torch.ones(50, 100), atol=0, rtol=0)
+    # a one-hot corner of the map lands in the input's corner, not in a cropped-away border
+    amap = torch.zeros(20, 20)
+    amap[0, 0] = 1.0
+    corner = preprocess.uncrop_map(amap, width=100, height=50, resize=25, crop=20, frame="full")
+    assert corner[0, 0] == 1.0 and corner[-1, -1] == 0.0
+
+
+def test_crop_box_rejects_unknown_frame() -> None:
+    with pytest.raises(ValueError, match="'crop' or 'full'"):
+        preprocess.crop_box(10, 10, 10, 10, frame="tiles")
