@@ -47,7 +47,7 @@ def test_reweighting_is_finite_and_exact_for_large_distances() -> None:
 def test_eq7_weight_by_hand_and_its_saturation_at_feature_scale() -> None:
     # w = 1 - e^{d0} / sum_j e^{dj}; distances a unit apart give a visible weight, distances
     # tens of units apart (CNN patch features) give w = 1 to double precision.
-    rows = torch.tensor([[1.0, 2.0, 2.0], [30.0, 55.0, 60.0]])
+    rows = torch.tensor([[1.0, 2.0, 2.0], [30.0, 70.0, 75.0]])
     weights = scoring.eq7_weights(rows)
     assert weights[0].item() == pytest.approx(1 - math.e / (math.e + 2 * math.e**2), rel=1e-12)
     assert weights[1].item() == 1.0
