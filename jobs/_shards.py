@@ -409,10 +409,10 @@ class OutputFolder:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, resize: int, crop: int, max_pixels: int,
+    batch: dict[str, np.ndarray], *, resize: int, crop: int, frame: str, max_pixels: int,
     storage_options: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """CPU stage: read and decode each `uri`, keep its size, preprocess to the crop.
+    """CPU stage: read and decode each `uri`, keep its size, preprocess to the crop (or full frame).
 
     Adds image (B, 3, crop, crop) float32 (zeros for failures), width, height (input pixels; 0 for
     failures) and error ("" when fine). An unreadable input becomes an error row, never an exception.
@@ -425,7 +425,8 @@ def decode_batch(
         try:
             image = preprocess.decode_image(storage.read_bytes(str(uri), storage_options),
                                             max_pixels=max_pixels)
-            images[i] = preprocess.to_tensor(image, resize, crop, max_pixels=max_pixels).numpy()
+            images[i] = preprocess.to_tensor(image, resize, crop, frame=frame,
+                                             max_pixels=max_pixels).numpy()
         # One input's failure must never stop the job: decode_image turns what Pillow raises on
         # bad data into ValueError and storage raises OSError, but a hostile file can reach
         # plugin code that raises anything else; every such input is recorded with its reason.
@@ -533,6 +534,7 @@ def stream_shards(
     device: str,
     resize: int,
     crop: int,
+    frame: str,
     label: str,
     extra: Mapping[str, Sequence[Any]] | None = None,
     done_images: int = 0,
@@ -570,7 +572,7 @@ def stream_shards(
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(
             decode_batch, batch_size=flags.batch_size, batch_format="numpy",
-            fn_kwargs={"resize": resize, "crop": crop, "max_pixels": flags.max_pixels,
+            fn_kwargs={"resize": resize, "crop": crop, "frame": frame, "max_pixels": flags.max_pixels,
                        "storage_options": options},
             num_cpus=decode_cpus,
             max_retries=flags.retries,  # a decode worker that dies (OOM kill, node loss)

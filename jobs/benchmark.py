@@ -199,7 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
     notes = [
         (f"PatchCore on {result['root']}: {settings['backbone']} ({settings['layers']}), "
          f"{settings['resize']} -> {settings['crop']} px, embed dim {settings['embed_dim']}, "
-         f"coreset {settings['coreset']}, device {result['device']}."),
+         f"coreset {settings['coreset']}, aggregation {settings.get('aggregation', 'authors')}, "
+         f"frame {settings.get('frame', 'crop')}, device {result['device']}."),
         ("AUROC and PRO in % as in the paper's Tables 1-3 (PRO integrated to FPR 0.3, normalised; "
          "pixel metrics on raw crop-space maps). Times: wall-clock seconds of the fit job (extract, "
          "coreset, calibration) and the score job, Ray start-up of their actors included; "
@@ -290,7 +291,8 @@ def run(config: BenchmarkConfig) -> int:
         "root": config.root,
         "device": device,
         "settings": {"backbone": spec.backbone, "layers": ",".join(spec.layers), "resize": spec.resize,
-                     "crop": spec.crop, "embed_dim": spec.embed_dim, "coreset": coreset},
+                     "crop": spec.crop, "embed_dim": spec.embed_dim, "coreset": coreset,
+                     "aggregation": spec.aggregation, "frame": spec.frame},
         "categories": rows,
         "mean": summarise(rows),
         "paper": paper_reference(config.effective_ratio, list(rows)),

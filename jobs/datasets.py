@@ -344,14 +344,14 @@ def read_mask(uri: str, storage_options: dict[str, Any] | None = None) -> np.nda
         return np.asarray(image.convert("L")) > 0
 
 
-def mask_to_crop(defect: np.ndarray, resize: int, crop: int) -> np.ndarray:
+def mask_to_crop(defect: np.ndarray, resize: int, crop: int, frame: str = "crop") -> np.ndarray:
     """(H, W) bool mask -> (crop, crop) bool in the backbone's crop space, as the paper evaluates.
 
     The image's centre-crop box (preprocess.crop_box, in input pixels) is resampled bilinearly to
     crop x crop and thresholded at 0.5: the same geometry as the image fed to the backbone.
     """
     height, width = defect.shape
-    box = preprocess.crop_box(width, height, resize, crop)
+    box = preprocess.crop_box(width, height, resize, crop, frame=frame)
     image = Image.fromarray(defect.astype(np.float32), mode="F")
     resampled = image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
     return np.asarray(resampled) >= 0.5

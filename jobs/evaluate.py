@@ -72,6 +72,7 @@ class ResultsFolder:
     pixel_threshold: float | None
     resize: int
     crop: int
+    frame: str  # "crop" or "full" (ModelSpec.frame): which part of each input the maps cover
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def read_results(
         chosen = maps
     info = ResultsFolder(
         folder, chosen, source["image_threshold"], source["pixel_threshold"],
-        int(spec["resize"]), int(spec["crop"]),
+        int(spec["resize"]), int(spec["crop"]), str(spec.get("frame", "crop")),
     )
     if chosen == "png" and info.pixel_threshold is None:
         raise ValueError(
@@ -212,7 +213,7 @@ def load_mask(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
         )
     if folder.maps != "raw":
         return torch.from_numpy(defect)
-    return torch.from_numpy(datasets.mask_to_crop(defect, folder.resize, folder.crop))
+    return torch.from_numpy(datasets.mask_to_crop(defect, folder.resize, folder.crop, folder.frame))
 
 
 def _value_range(entries: Sequence[Scored], options: dict[str, Any]) -> tuple[float, float]:
@@ -290,10 +291,11 @@ def pixel_metrics(
 ) -> tuple[dict[str, Any], dict[str, report.Curve]]:
     """Pixel AUROC, PRO, pixel F1 and calibrated-threshold counts, streaming one map at a time."""
     # one histogram range per category: its maps must share kind, geometry and (PNG) scale
-    if len({(e.folder.maps, e.folder.crop, e.folder.resize, e.folder.pixel_threshold
-             if e.folder.maps == "png" else None) for e in entries}) != 1:
+    geometry = {(e.folder.maps, e.folder.crop, e.folder.resize, e.folder.frame,
+                 e.folder.pixel_threshold if e.folder.maps == "png" else None) for e in entries}
+    if len(geometry) != 1:
         raise ValueError(
-            f"category {name!r}: its results folders differ in map kind, crop or PNG scale; "
+            f"category {name!r}: its results folders differ in map kind, crop, frame or PNG scale; "
             "score the category with one bank, or pass --maps raw"
         )
     low, high = _value_range(entries, options)
@@ -364,7 +366,8 @@ def _overlay(entry: Scored, kind: str, rank: int, options: dict[str, Any]) -> by
     folder = entry.folder
     amap = None if folder.maps == "none" else load_map(entry, options).numpy()
     if folder.maps == "raw":
-        box = preprocess.crop_box(image.width, image.height, folder.resize, folder.crop)
+        box = preprocess.crop_box(image.width, image.height, folder.resize, folder.crop,
+                                  frame=folder.frame)
         image = image.resize((folder.crop, folder.crop), Image.Resampling.BILINEAR, box=box)
         mask = load_mask(entry, options).numpy()
     elif folder.maps == "png":

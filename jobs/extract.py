@@ -57,6 +57,11 @@ class ModelFlags:
                                        _SPEC_DEFAULTS.reweight_neighbors)
     sigma: float = _cli.arg("Gaussian smoothing of anomaly maps in crop px (0 = none)",
                             _SPEC_DEFAULTS.sigma)
+    aggregation: str = _cli.arg("paper (per-channel p x p local average, paper §3.1) | authors (the "
+                                "reference code's unfold + adaptive pool)", _SPEC_DEFAULTS.aggregation)
+    frame: str = _cli.arg("crop (resize + centre crop, the paper's protocol; the border outside the "
+                          "crop is not inspected) | full (the whole input resized to crop x crop)",
+                          _SPEC_DEFAULTS.frame)
     feature_dtype: str = _cli.arg("float16|float32 values in the feature store", "float16")
 
     def model_spec(self) -> ModelSpec:
@@ -66,6 +71,7 @@ class ModelFlags:
             backbone=self.backbone, weights=self.weights, layers=layers, resize=self.resize,
             crop=self.crop, patch_size=self.patch_size, embed_dim=self.embed_dim,
             reweight_neighbors=self.reweight_neighbors, sigma=self.sigma,
+            aggregation=self.aggregation, frame=self.frame,
         )
 
 
@@ -174,7 +180,8 @@ def extract_images(
             for shard, columns in stream_shards(
                 pending, FeatureActor,
                 {"spec": spec.to_json(), "device": device, "feature_dtype": feature_dtype},
-                flags, device=device, resize=spec.resize, crop=spec.crop, label="extract",
+                flags, device=device, resize=spec.resize, crop=spec.crop, frame=spec.frame,
+                label="extract",
                 done_images=sum(len(shards[i].uris) for i in records), total_images=len(uris),
             ):
                 records[shard.index] = _write_shard(folder, shard, columns, feature_dtype)

@@ -110,7 +110,8 @@ def calibrate(cfg: FitConfig, uris: Sequence[str], device: str) -> tuple[np.ndar
     scores, maps, errors = [], [], 0
     for _, columns in sorted(
         stream_shards(make_shards(uris, cfg.shard_size), ScoreActor, kwargs, cfg, device=device,
-                      resize=spec["resize"], crop=spec["crop"], label="calibrate"),
+                      resize=spec["resize"], crop=spec["crop"],
+                      frame=spec.get("frame", "crop"), label="calibrate"),
         key=lambda item: item[0].index,
     ):
         ok = columns["error"] == ""

@@ -127,7 +127,8 @@ class ScoreActor:
             storage.write_bytes(storage.join_uri(self.out, "maps_raw", key + ".npy"),
                                 buffer.getvalue(), self.options)
         if self.maps:
-            full = preprocess.uncrop_map(amap, width, height, spec.resize, spec.crop)  # (H, W)
+            full = preprocess.uncrop_map(amap, width, height, spec.resize, spec.crop,
+                                         frame=spec.frame)  # (H, W)
             threshold = float(bank.pixel_threshold)
             storage.write_bytes(storage.join_uri(self.out, "maps", key + ".png"),
                                 _png(heatmap_pixels(full, threshold)), self.options)
@@ -149,7 +150,8 @@ class ScoreActor:
             for j, i in enumerate(rows):
                 width, height = int(batch["width"][i]), int(batch["height"][i])
                 scores[i] = float(prediction.scores[j])
-                left, top, right, bottom = preprocess.crop_box(width, height, spec.resize, crop)
+                left, top, right, bottom = preprocess.crop_box(width, height, spec.resize, crop,
+                                                                 frame=spec.frame)
                 max_y[i] = input_pixel(int(prediction.max_yx[j, 0]), top, bottom, crop, height)
                 max_x[i] = input_pixel(int(prediction.max_yx[j, 1]), left, right, crop, width)
                 if self.out is not None:
@@ -245,7 +247,7 @@ def run(cfg: ScoreConfig) -> int:
                                 "storage_options": options}
                 for shard, columns in stream_shards(
                     pending, ScoreActor, actor_kwargs, cfg, device=device, resize=spec.resize,
-                    crop=spec.crop, label="score", extra={"key": keys},
+                    crop=spec.crop, frame=spec.frame, label="score", extra={"key": keys},
                     done_images=sum(len(shards[i].uris) for i in records),
                     total_images=len(uris),
                 ):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from jobs import _cli, _shards, cli, extract, fit, score
 from jobs._shards import input_root, make_shards, relative_key, safe_relative_path
-from patchcore_core import backbone, model, storage
+from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.bank import Bank
 from patchcore_core.spec import ModelSpec
 
@@ -408,3 +408,30 @@ def test_fit_and_score_on_s3_match_local(
             assert storage.exists(score.map_uri(f"{root}/results", manifest, row["uri"], kind))
     text = json.dumps(manifest)
     assert "testing" not in text  # the moto credentials never reach an artifact
+
+
+def test_full_frame_fit_and_score_cover_every_input_pixel(
+    ray_local: None, dataset: Path, tmp_path: Path
+) -> None:
+    bank, out = tmp_path / "bank", tmp_path / "results"
+    argv = ["--train", str(dataset / "train"), "--out", str(bank), *MODEL_FLAGS, *PIPELINE_FLAGS,
+            *FIT_FLAGS, "--frame", "full", "--aggregation", "authors"]
+    assert fit.run(_cli.parse_config(fit.FitConfig, argv)) == 0
+    spec = storage.load_bank(str(bank)).spec
+    assert (spec.frame, spec.aggregation) == ("full", "authors")  # recorded in the bank
+    assert run_score(str(bank), str(dataset / "test" / "bad"), str(out)) == 0
+    rows = read_scores(str(out))
+    manifest = storage.read_manifest(str(out), "results")
+    reference = model.predict(model.load(str(bank)), model.load_images([r["uri"] for r in rows], spec))
+    np.testing.assert_allclose([r["score"] for r in rows], reference.scores.numpy(), rtol=1e-5, atol=1e-5)
+    for row, ref_map in zip(rows, reference.maps):
+        raw = np.load(score.map_uri(str(out), manifest, row["uri"], "raw")).astype(np.float32)
+        np.testing.assert_allclose(raw, ref_map.numpy(), rtol=1e-3, atol=1e-3)
+        heat = np.asarray(Image.open(score.map_uri(str(out), manifest, row["uri"], "png")))
+        expected = preprocess.uncrop_map(ref_map, row["width"], row["height"], spec.resize, spec.crop,
+                                         frame="full")
+        # every input pixel, the outermost rows and columns included, carries the map
+        assert (expected > 0).all()
+        np.testing.assert_allclose(heat.astype(np.float32),
+                                   score.heatmap_pixels(expected, storage.load_bank(str(bank)).pixel_threshold),
+                                   atol=1)
