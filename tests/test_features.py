@@ -40,8 +40,8 @@ def naive_neighbourhood(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> l
 
 
 def naive_local_means(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> list[float]:
-    """Per channel, the mean of the p×p neighbours of (y, x) that lie inside the map (Eq. 2 read
-    as local smoothing of each feature map)."""
+    """Per channel, the mean over the p×p neighbourhood of (y, x), zero outside the map (Eq. 2
+    read as local smoothing of each feature map, with Eq. 1's zero padding)."""
     _, C, H, W = fmap.shape
     r = p // 2
     values = []
@@ -52,7 +52,7 @@ def naive_local_means(fmap: torch.Tensor, b: int, y: int, x: int, p: int) -> lis
             for dx in range(-r, r + 1)
             if 0 <= y + dy < H and 0 <= x + dx < W
         ]
-        values.append(sum(inside) / len(inside))
+        values.append(sum(inside) / p**2)
     return values
 
 
@@ -159,11 +159,14 @@ def test_single_layer_p1_full_width_is_the_feature_map_itself(aggregation: str) 
     torch.testing.assert_close(result, fmap.permute(0, 2, 3, 1), atol=0, rtol=0)
 
 
-def test_paper_aggregation_of_a_constant_map_is_that_constant_everywhere() -> None:
-    # A local *average*: borders included (no zero padding pulls them down), any p, any D.
+def test_paper_aggregation_of_a_constant_map_is_that_constant_inside_and_less_at_borders() -> None:
+    # A local average with zero padding: interior = the constant, a corner of a 3×3 window sees
+    # 4 of 9 values, an edge 6 of 9; any D.
     fmap = torch.full((1, 5, 6, 6), 2.5)
-    result = features.patch_features([fmap], patch_size=5, embed_dim=12, aggregation="paper")
-    torch.testing.assert_close(result, torch.full((1, 6, 6, 12), 2.5), atol=1e-6, rtol=0)
+    result = features.patch_features([fmap], patch_size=3, embed_dim=12, aggregation="paper")
+    torch.testing.assert_close(result[0, 1:-1, 1:-1], torch.full((4, 4, 12), 2.5), atol=1e-6, rtol=0)
+    assert result[0, 0, 0, 0].item() == pytest.approx(2.5 * 4 / 9)
+    assert result[0, 0, 3, 0].item() == pytest.approx(2.5 * 6 / 9)
 
 
 def test_patch_features_rejects_unknown_aggregation() -> None:
