@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 import patchcore_core as pc
 from jobs import demo_data
-from patchcore_core import metrics, preprocess, scoring
+from patchcore_core import features, metrics, preprocess, scoring
 from patchcore_core import model as pc_model
 
 EXTRA_TEXTURES = ("ihc", "hubble")  # skimage.data.immunohistochemistry, hubble_deep_field
@@ -41,6 +41,17 @@ METHODS = [f"{a}/{f}" for a, f in PROJECT_METHODS] + ["plain/crop"]
 LAYERS = ("blocks.2", "blocks.4")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 PIXEL_BINS = 8192  # bins of the project's streaming pixel metrics
+NOTES = """\
+Methods: `paper`/`authors` = this project's `aggregation` (per-channel 3x3 average | the authors'
+unfold + adaptive pool), `crop`/`full` = its `frame` (centre crop | whole tile), image score by
+Eq. 7 (b = 9), metrics from patchcore_core.metrics (pixel metrics binned into 8192 bins).
+`plain/crop` = this script's re-implementation from the paper's equations: its own backbone loader
+(timm + the packaged weights), preprocessing, per-channel 3x3 average, pooling, greedy k-center
+loop on a seeded projection, torch.cdist nearest neighbour, max patch distance as image score,
+scipy Gaussian maps, sklearn pixel AUROC and an exact PRO; it imports nothing from patchcore_core
+and shares only the weights file and the generated data. Pixel metrics are in the tile frame
+(crop frames: 0 outside the crop). "defect px outside crop": share of the placement's defect
+pixels outside the centre-crop box. "s": seconds for one fit and scoring both placements."""
 _SUPERSAMPLE = 4  # defect shapes are drawn at 4x and box-averaged (anti-aliased edges)
 
 
@@ -123,7 +134,8 @@ def _defect_alpha(kind: str, size: int, placement: str, rng: np.random.Generator
     else:
         along, depth = rng.uniform(0.15, 0.85) * size, rng.uniform(0.02, 0.08) * size
         side = int(rng.integers(4))  # left, right, top, bottom
-        cx, cy = [(depth, along), (size - depth, along), (along, depth), (along, size - depth)][side]
+        centres = [(depth, along), (size - depth, along), (along, depth), (along, size - depth)]
+        cx, cy = centres[side]
         angle = (math.pi / 2 if side < 2 else 0.0) + rng.uniform(-1, 1) * math.pi / 9
     if kind == "scratch":  # thick curved line (quadratic Bezier), 2-5 % of the tile wide
         half = 0.5 * size * rng.uniform(0.3, 0.6)
@@ -164,8 +176,10 @@ def _defect_content(
         level = rng.uniform(225, 250) if base.mean() < 140 else rng.uniform(10, 35)
         return np.full_like(base, level) + rng.normal(0.0, 4.0, size=(1, 1, 3))
     if kind == "stain":
-        colours = ((150.0, 70.0, 30.0), (35.0, 30.0, 28.0), (220.0, 205.0, 70.0), (60.0, 90.0, 200.0))
-        return 0.25 * base + 0.75 * np.asarray(colours[int(rng.integers(len(colours)))], np.float32)
+        colours = ((150.0, 70.0, 30.0), (35.0, 30.0, 28.0), (220.0, 205.0, 70.0),
+                   (60.0, 90.0, 200.0))
+        colour = np.asarray(colours[int(rng.integers(len(colours)))], np.float32)
+        return 0.25 * base + 0.75 * colour
     if kind == "misplaced":  # other material, zoomed in 1.4-2x, turned by 90/180/270 degrees
         size = clean.shape[0]
         side = max(8, round(size / rng.uniform(1.4, 2.0)))
@@ -175,7 +189,8 @@ def _defect_content(
     if kind == "texture":
         if rng.random() < 0.5:  # smeared: blurred and darkened
             sigma = clean.shape[0] * rng.uniform(0.02, 0.035)
-            return scipy.ndimage.gaussian_filter(base, sigma=(sigma, sigma, 0)) * rng.uniform(0.65, 0.8)
+            smeared = scipy.ndimage.gaussian_filter(base, sigma=(sigma, sigma, 0))
+            return smeared * rng.uniform(0.65, 0.8)
         return base + rng.normal(0.0, 45.0, size=base.shape)  # grainy
     if kind == "color":  # channels rotated, saturation lifted
         shifted = base[..., [2, 0, 1]] if rng.random() < 0.5 else base[..., [1, 2, 0]]
@@ -267,6 +282,7 @@ class Outcome:
     scores: np.ndarray  # (N,) image scores
     maps: np.ndarray
     eq7_weights: np.ndarray | None = None  # (N,) Eq. 7 weight per image (project runs)
+    eq7_check: float = 0.0  # max |score / (weight * max patch distance) - 1| (project runs)
 
 
 def project_spec(
@@ -304,6 +320,14 @@ def eq7_weights_of(fitted: pc.PatchCore, tensors: torch.Tensor) -> torch.Tensor:
     return scoring.eq7_weights(torch.stack(rows))
 
 
+def paper_border_rule() -> str:
+    """How the project's paper aggregation treats the map border, read off a constant map."""
+    ones = torch.ones(1, 1, 3, 3)
+    corner = float(features.patch_features([ones], 3, 1, aggregation="paper")[0, 0, 0, 0])
+    rule = "zero padded, /9" if abs(corner - 4 / 9) < 1e-6 else "other than zero padding"
+    return f"corner of a constant 1 map = {corner:.4f} ({rule}; plain: zero padded, /9)"
+
+
 def run_project(
     spec: pc.ModelSpec, train: Sequence[np.ndarray], tests: dict[str, TestSet], ratio: float,
     seed: int,
@@ -319,8 +343,10 @@ def run_project(
             preprocess.uncrop_map(m, size, size, spec.resize, spec.crop, frame=spec.frame)
             for m in pred.maps
         ])
-        out[placement] = Outcome(pred.scores.numpy(), maps.numpy(),
-                                 eq7_weights_of(fitted, tensors).numpy())
+        weights = eq7_weights_of(fitted, tensors)
+        max_patch = pred.patch_scores.reshape(len(tensors), -1).amax(dim=1).double()
+        check = float((pred.scores / (weights * max_patch) - 1).abs().max())
+        out[placement] = Outcome(pred.scores.numpy(), maps.numpy(), weights.numpy(), check)
     return out
 
 
@@ -337,7 +363,7 @@ def project_metrics(outcome: Outcome, test: TestSet) -> dict[str, float]:
     }
 
 
-# --------------------------------------------------------------------------- plain re-implementation
+# --------------------------------------------------------------------------- plain PatchCore
 # From the paper's text alone: torch/timm for the network, the packaged weights, numpy, scipy
 # (label, Gaussian) and sklearn (AUROC). Nothing below imports patchcore_core.
 
@@ -362,7 +388,8 @@ def plain_backbone() -> torch.nn.Module:
 
 
 def plain_feature_maps(network: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """images (B, 3, S, S) normalised -> [blocks.2 (B, 40, S/8, S/8), blocks.4 (B, 112, S/16, S/16)]."""
+    """images (B, 3, S, S) normalised -> [blocks.2 (B, 40, S/8, S/8),
+    blocks.4 (B, 112, S/16, S/16)]."""
     with torch.inference_mode():
         x = network.bn1(network.conv_stem(images))  # timm's bn1 includes the activation
         maps = []
@@ -401,10 +428,11 @@ def plain_patch_features(maps: list[torch.Tensor], embed_dim: int) -> torch.Tens
     return fused.reshape(B, h, w, embed_dim)
 
 
-def plain_coreset(features: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Alg. 1: greedy k-center on a Gaussian projection to 128 dims, a plain loop. -> indices."""
-    n, dim = features.shape
-    projected = features @ (torch.randn(dim, 128, generator=generator) / math.sqrt(128))
+def plain_coreset(memory: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Alg. 1 on memory (n, D): greedy k-center on a Gaussian projection to 128 dims, a plain
+    loop. -> (max(1, int(ratio * n)),) row indices in selection order."""
+    n, dim = memory.shape
+    projected = memory @ (torch.randn(dim, 128, generator=generator) / math.sqrt(128))
     count = max(1, int(ratio * n))
     chosen = [int(torch.randint(n, (1,), generator=generator))]
     nearest = torch.cdist(projected, projected[chosen[0]][None])[:, 0]
@@ -443,12 +471,13 @@ def run_plain(
     for placement, test in tests.items():
         patches = embed(test.images)  # (N, h, w, D)
         N, h, w, D = patches.shape
-        dists = torch.stack([torch.cdist(p.reshape(-1, D), bank).min(dim=1).values for p in patches])
+        dists = torch.stack([torch.cdist(p.reshape(-1, D), bank).min(dim=1).values
+                             for p in patches])  # (N, h*w) Euclidean
         upsampled = F.interpolate(dists.reshape(N, 1, h, w), size=(crop, crop), mode="bilinear",
                                   align_corners=False)[:, 0].numpy()
         size = test.images[0].shape[0]
-        maps = np.stack([plain_uncrop(scipy.ndimage.gaussian_filter(m, sigma=4.0), size, resize, crop)
-                         for m in upsampled])
+        smoothed = [scipy.ndimage.gaussian_filter(m, sigma=4.0) for m in upsampled]
+        maps = np.stack([plain_uncrop(m, size, resize, crop) for m in smoothed])
         out[placement] = Outcome(dists.amax(dim=1).numpy().astype(np.float64), maps)
     return out
 
@@ -514,7 +543,8 @@ def run_category(
             eq7.append({"placement": placement, "category": category,
                         "method": f"{aggregation}/{frame}", "images": len(weights),
                         "differ": int((np.abs(weights - 1.0) > 1e-6).sum()),
-                        "min": float(weights.min()), "median": float(np.median(weights))})
+                        "min": float(weights.min()), "median": float(np.median(weights)),
+                        "check": outcome.eq7_check})
     start = time.perf_counter()
     outcomes = run_plain(network, data.train, data.tests, resize, args.crop, args.embed_dim,
                          args.ratio, args.seed)
@@ -532,12 +562,12 @@ def run_category(
 
 def metric_table(rows: list[dict]) -> str:
     """Markdown: one row per placement x category x method, then per placement x method means."""
-    lines = ["| placement | category | method | image AUROC | pixel AUROC | PRO | defect px outside crop | s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| placement | category | method | image AUROC | pixel AUROC | PRO "
+             "| defect px outside crop | s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['placement']} | {r['category']} | {r['method']} | {r['image_auroc']:.3f} | "
-                     f"{r['pixel_auroc']:.3f} | {r['pro']:.3f} | {r['outside_crop']:.0%} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {r['placement']} | {r['category']} | {r['method']} | "
+                     f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pro']:.3f} | "
+                     f"{r['outside_crop']:.0%} | {r['seconds']:.0f} |")
     for placement in PLACEMENTS:
         for method in METHODS:
             chosen = [r for r in rows if (r["placement"], r["method"]) == (placement, method)]
@@ -549,10 +579,14 @@ def metric_table(rows: list[dict]) -> str:
 
 
 def eq7_table(eq7: list[dict]) -> str:
-    lines = ["| placement | category | method | images with abs(w - 1) > 1e-6 | min w | median w |",
-             "|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r['placement']} | {r['category']} | {r['method']} | {r['differ']}/{r['images']} | "
-              f"{r['min']:.9f} | {r['median']:.9f} |" for r in eq7]
+    lines = ["| placement | category | method | images with abs(w - 1) > 1e-6 | min w | median w | "
+             "max abs(score / (w s*) - 1) |", "|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['placement']} | {r['category']} | {r['method']} | "
+              f"{r['differ']}/{r['images']} | {r['min']:.9f} | {r['median']:.9f} | "
+              f"{r['check']:.1e} |" for r in eq7]
+    differ, images = sum(r["differ"] for r in eq7), sum(r["images"] for r in eq7)
+    lines.append(f"\nAll project runs: {differ}/{images} test images with abs(w - 1) > 1e-6; "
+                 f"smallest w {min(r['min'] for r in eq7):.9f}.")
     return "\n".join(lines)
 
 
@@ -563,15 +597,16 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
                         help=f"comma-separated, from {','.join(CATEGORIES)}")
     parser.add_argument("--tile", type=int, default=144, help="tile side in px (= resize)")
     parser.add_argument("--crop", type=int, default=128, help="centre-crop side in px")
-    parser.add_argument("--train", type=int, default=40, help="nominal training tiles per category")
-    parser.add_argument("--test-good", type=int, default=10, help="nominal test tiles per category")
-    parser.add_argument("--test-defect", type=int, default=4,
+    parser.add_argument("--train", type=int, default=60, help="nominal training tiles per category")
+    parser.add_argument("--test-good", type=int, default=20, help="nominal test tiles per category")
+    parser.add_argument("--test-defect", type=int, default=8,
                         help="test tiles per defect kind (5 kinds) and placement")
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
-    parser.add_argument("--embed-dim", type=int, default=1024, help="patch embedding width D (paper)")
+    parser.add_argument("--embed-dim", type=int, default=1024,
+                        help="patch embedding width D (the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="data, projection and coreset seed")
     parser.add_argument("--out", default=None,
-                        help="folder to write accuracy.md into (default: print only)")
+                        help="folder to write accuracy.md into; None: print only")
     args = parser.parse_args(argv)
     categories = [c for c in args.categories.split(",") if c]
     unknown = [c for c in categories if c not in CATEGORIES]
@@ -585,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
           f"test_defect={args.test_defect}x{len(demo_data.DEFECT_TYPES)} ratio={args.ratio} "
           f"embed_dim={args.embed_dim} seed={args.seed} backbone=efficientnet_lite0 "
           f"layers={','.join(LAYERS)} torch_threads={torch.get_num_threads()}", flush=True)
+    print(f"project paper aggregation at the map border: {paper_border_rule()}", flush=True)
     network = plain_backbone()
     rows, eq7 = [], []
     for category in categories:
@@ -596,8 +632,8 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
                              METHODS.index(r["method"])))
     eq7.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), categories.index(r["category"]),
                             METHODS.index(r["method"])))
-    report = (f"{metric_table(rows)}\n\nEq. 7 weight w = 1 - softmax(d)[0] over the b = 9 "
-              f"neighbour distances (test images, project runs):\n\n{eq7_table(eq7)}\n")
+    report = (f"{metric_table(rows)}\n\n{NOTES}\n\nEq. 7 weight w = 1 - softmax(d)[0] over the "
+              f"b = 9 neighbour distances (test images, project runs):\n\n{eq7_table(eq7)}\n")
     print("\n" + report)
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.out is not None:
