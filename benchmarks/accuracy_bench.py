@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import patchcore_core as pc
@@ -52,7 +52,6 @@ scipy Gaussian maps, sklearn pixel AUROC and an exact PRO; it imports nothing fr
 and shares only the weights file and the generated data. Pixel metrics are in the tile frame
 (crop frames: 0 outside the crop). "defect px outside crop": share of the placement's defect
 pixels outside the centre-crop box. "s": seconds for one fit and scoring both placements."""
-_SUPERSAMPLE = 4  # defect shapes are drawn at 4x and box-averaged (anti-aliased edges)
 
 
 # --------------------------------------------------------------------------- data
@@ -105,15 +104,6 @@ def texture_tile(source: np.ndarray, size: int, rng: np.random.Generator) -> np.
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def _coverage(size: int, draw_shapes: Callable[[ImageDraw.ImageDraw, float], None]) -> np.ndarray:
-    """(size, size) area coverage in [0, 1] of shapes drawn by draw_shapes(draw, scale)."""
-    big = size * _SUPERSAMPLE
-    canvas = Image.new("L", (big, big), 0)
-    draw_shapes(ImageDraw.Draw(canvas), float(_SUPERSAMPLE))
-    values = np.asarray(canvas, dtype=np.float32) / 255.0
-    return values.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
-
-
 def border_band(size: int) -> np.ndarray:
     """(size, size) bool: pixels whose centre lies within BORDER_BAND * size of an edge."""
     centres = np.arange(size) + 0.5
@@ -137,32 +127,15 @@ def _defect_alpha(kind: str, size: int, placement: str, rng: np.random.Generator
         centres = [(depth, along), (size - depth, along), (along, depth), (along, size - depth)]
         cx, cy = centres[side]
         angle = (math.pi / 2 if side < 2 else 0.0) + rng.uniform(-1, 1) * math.pi / 9
-    if kind == "scratch":  # thick curved line (quadratic Bezier), 2-5 % of the tile wide
-        half = 0.5 * size * rng.uniform(0.3, 0.6)
-        dx, dy = half * math.cos(angle), half * math.sin(angle)
-        bend = size * rng.uniform(-0.15, 0.15) * (1.0 if placement == "centre" else 0.3)
-        control = np.array([cx - bend * math.sin(angle), cy + bend * math.cos(angle)])
-        t = np.linspace(0.0, 1.0, 32)[:, None]
-        curve = (1 - t) ** 2 * np.array([cx - dx, cy - dy]) + 2 * (1 - t) * t * control
-        curve = curve + t**2 * np.array([cx + dx, cy + dy])
-        width = size * rng.uniform(0.02, 0.05)
-
-        def draw(canvas: ImageDraw.ImageDraw, scale: float) -> None:
-            points = [(float(x) * scale, float(y) * scale) for x, y in curve]
-            canvas.line(points, fill=255, width=max(1, round(width * scale)), joint="curve")
-    else:  # union of 3-5 overlapping ellipses
+    # the shapes are demo_data's own; only their centre, angle and bend differ by placement
+    if kind == "scratch":
+        bend_scale = 1.0 if placement == "centre" else 0.3  # border scratches stay near the edge
+        alpha = demo_data._scratch_alpha(
+            size, rng, centre=(cx, cy), angle=angle, bend_scale=bend_scale
+        )
+    else:
         radius = (0.04, 0.09) if kind == "stain" else (0.07, 0.14)
-        ellipses = []
-        for _ in range(int(rng.integers(3, 6))):
-            rx, ry = size * rng.uniform(*radius, size=2)
-            ox, oy = rng.normal(0.0, 0.4 * min(rx, ry), size=2)
-            ellipses.append((cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry))
-
-        def draw(canvas: ImageDraw.ImageDraw, scale: float) -> None:
-            for box in ellipses:
-                canvas.ellipse([float(v) * scale for v in box], fill=255)
-
-    alpha = _coverage(size, draw)
+        alpha = demo_data._blob_alpha(size, rng, radius, centre=(cx, cy))
     return alpha if placement == "centre" else np.where(border_band(size), alpha, 0.0)
 
 

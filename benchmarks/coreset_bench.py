@@ -2,11 +2,15 @@
 
 The plain loop is the paper code's way: every step updates every row,
 `min_d = torch.minimum(min_d, ((X - c) ** 2).sum(1))`, then `argmax` (float32 torch). Both run on
-the same projected features: seeded synthetic 1024-dim features of low intrinsic dimension, stored
-as float16 (like the feature store), projected to 128 dims with `coreset.projection_matrix`.
+the same projected features, one of:
+- `--features synthetic`: seeded synthetic 1024-dim features of low intrinsic dimension, stored
+  as float16 (like the feature store), projected to 128 dims with `coreset.projection_matrix`;
+- `--features real`: patch features of real photos, as `patchcore fit` makes them (see
+  `real_projected`), cached as an (N, 128) float32 .npy under --cache-dir.
 Each measurement runs in a fresh process, so its peak RSS is its own.
 
     python benchmarks/coreset_bench.py --n 200000 1000000 --ratio 0.1 0.01
+    python benchmarks/coreset_bench.py --features real --n 1000000 --ratio 0.01
 
 When the plain loop would run more than --plain-full-steps steps, it runs the first
 --plain-prefix steps and its time is extrapolated linearly (its per-step cost is constant);
@@ -23,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,12 @@ from patchcore_core import coreset
 
 FEATURE_DIM = 1024
 CHUNK = 1 << 15
+# skimage.data photos that ship with the package (no download): textures, scenes, micrographs
+PHOTOS = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "moon", "rocket", "retina", "cell", "clock",
+          "page", "text", "colorwheel")
+REAL_LAYERS = ("blocks.2", "blocks.4")
+REAL_VERSION = 1  # part of the cache name: bump when real_projected changes its output
 
 
 def synthetic_projected(num_points: int, intrinsic_dim: int, projection_dim: int, seed: int) -> torch.Tensor:
@@ -49,6 +59,82 @@ def synthetic_projected(num_points: int, intrinsic_dim: int, projection_dim: int
         features = torch.sin(latent @ mixing * scale).to(torch.float16)  # the feature store dtype
         out[lo : lo + rows] = features.float() @ projection
     return out
+
+
+def photo_views(count: int, seed: int) -> Iterator["Image.Image"]:
+    """`count` distinct RGB views of the skimage photos, round robin over PHOTOS: a square crop
+    of random side (25-100 % of the largest square that fits) at a random place, rotated by a
+    random angle (cut from a sqrt(2) larger square, so no border enters), then one of the 8
+    flips/quarter turns. Gray photos are repeated to 3 channels."""
+    from PIL import Image
+    from skimage import data  # benchmark-only dependency, like the tests' textures
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in PHOTOS:
+        pixels = getattr(data, name)()
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        photos.append(np.ascontiguousarray(pixels[:, :, :3]))
+    for i in range(count):
+        pixels = photos[i % len(photos)]
+        height, width = pixels.shape[:2]
+        outer = int(min(height, width) * rng.uniform(0.25, 1.0))  # square that holds the rotation
+        side = max(32, int(outer / math.sqrt(2)))
+        y, x = rng.integers(0, height - outer + 1), rng.integers(0, width - outer + 1)
+        view = Image.fromarray(pixels[y : y + outer, x : x + outer]).rotate(
+            float(rng.uniform(0, 360)), Image.Resampling.BILINEAR)
+        lo = (outer - side) // 2
+        view = view.crop((lo, lo, lo + side, lo + side))
+        turn = int(rng.integers(8))
+        if turn & 4:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for _ in range(turn & 3):
+            view = view.transpose(Image.Transpose.ROTATE_90)
+        yield view
+
+
+def real_projected(num_points: int, projection_dim: int, seed: int, cache_dir: str) -> torch.Tensor:
+    """(N, projection_dim) float32 projected patch features of real photos, as `patchcore fit`
+    computes them: efficientnet_lite0 (blocks.2, blocks.4, packaged ImageNet weights), resize 256,
+    crop 224 (28 x 28 patches), embed_dim 1024 stored low-rank (`features.feature_width` = 152
+    coordinates), rounded to float16 like the feature store, times
+    `features.coreset_projection(spec, projection_dim, seed)`. Images are `photo_views`; rows are
+    image-major, the first N patches of ceil(N / 784) images. Cached in `cache_dir` by arguments."""
+    path = Path(cache_dir, f"coreset_real_v{REAL_VERSION}_{num_points}_{projection_dim}_{seed}.npy")
+    if path.exists():
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    from patchcore_core import backbone, features, preprocess  # imported only to extract
+    from patchcore_core.spec import ModelSpec
+
+    spec = ModelSpec(backbone="efficientnet_lite0", weights="default", layers=REAL_LAYERS,
+                     resize=256, crop=224, embed_dim=1024)
+    extractor = backbone.load_backbone(spec)
+    projection = features.coreset_projection(spec, projection_dim, seed)  # (152, projection_dim)
+    per_image = (spec.crop // 8) ** 2  # blocks.2 has stride 8
+    num_images = -(-num_points // per_image)
+    out = torch.empty(num_images * per_image, projection_dim)
+    views = photo_views(num_images, seed)
+    batch = 32
+    for lo in range(0, num_images, batch):
+        images = torch.stack([preprocess.to_tensor(next(views).convert("RGB"), spec.resize, spec.crop)
+                              for _ in range(min(batch, num_images - lo))])
+        stored = features.embed(extractor, images, spec).reshape(-1, projection.shape[0])
+        rows = slice(lo * per_image, lo * per_image + len(stored))
+        out[rows] = stored.to(torch.float16).float() @ projection  # float16: the feature store
+    out = out[:num_points].contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, out.numpy())
+    partial.rename(path)  # published whole, so a killed run leaves no half cache
+    return out
+
+
+def load_projected(args: argparse.Namespace) -> torch.Tensor:
+    """The benchmark's (N, projection_dim) points for --features."""
+    if args.features == "real":
+        return real_projected(args.n, args.projection_dim, args.seed, args.cache_dir)
+    return synthetic_projected(args.n, args.intrinsic_dim, args.projection_dim, args.seed)
 
 
 def plain_loop(points: torch.Tensor, num_steps: int, start: int) -> list[int]:
@@ -70,7 +156,7 @@ def seconds_cell(seconds: float) -> str:
 
 def worker(args: argparse.Namespace) -> None:
     """One measurement in this process; prints a JSON line, writes the indices to --out."""
-    points = synthetic_projected(args.n, args.intrinsic_dim, args.projection_dim, args.seed)
+    points = load_projected(args)
     steps = coreset.coreset_size(args.n, args.ratio, None)
     start = coreset.first_index(args.n, args.seed)
     data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -96,7 +182,8 @@ def measure(args: argparse.Namespace, n: int, ratio: float, method: str, out: Pa
         sys.executable, __file__, "--worker", method, "--n", str(n), "--ratio", str(ratio),
         "--out", str(out), "--seed", str(args.seed), "--intrinsic-dim", str(args.intrinsic_dim),
         "--projection-dim", str(args.projection_dim), "--plain-prefix", str(args.plain_prefix),
-        "--plain-full-steps", str(args.plain_full_steps),
+        "--plain-full-steps", str(args.plain_full_steps), "--features", args.features,
+        "--cache-dir", args.cache_dir,
     ]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -106,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[200_000, 1_000_000])
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.1, 0.01])
+    parser.add_argument("--features", choices=["synthetic", "real"], default="synthetic",
+                        help="synthetic low-intrinsic-dim features, or real photos' patch features")
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir(), "coreset_bench")),
+                        help="where --features real caches its projected features (.npy)")
     parser.add_argument("--intrinsic-dim", type=int, default=16, help="latent dimension of the synthetic features")
     parser.add_argument("--projection-dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -118,8 +209,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.n, args.ratio, args.method = args.n[0], args.ratio[0], args.worker
         worker(args)
         return
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; synthetic {FEATURE_DIM}-dim float16 "
-          f"features, intrinsic dim {args.intrinsic_dim}, projected to {args.projection_dim}")
+    if args.features == "real":
+        for n in args.n:  # extracted (or found in the cache) once, before the timed workers
+            begin = time.perf_counter()
+            real_projected(n, args.projection_dim, args.seed, args.cache_dir)
+            print(f"# features for N = {n:,}: {time.perf_counter() - begin:.0f} s "
+                  f"(cache: {args.cache_dir})", flush=True)
+        data = (f"real patch features of {len(PHOTOS)} skimage photos (random crops 25-100 %, "
+                f"rotations, flips; efficientnet_lite0 {','.join(REAL_LAYERS)}, 224 px, 784 patches "
+                f"an image, {1024}-dim stored low-rank, float16), projected to {args.projection_dim}")
+    else:
+        data = (f"synthetic {FEATURE_DIM}-dim float16 features, intrinsic dim {args.intrinsic_dim}, "
+                f"projected to {args.projection_dim}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; {data}")
     header = ("N", "ratio", "steps", "plain s", "fast s", "speedup", "plain/fast CPU s", "fast steps/s",
               "fast RSS MB: data, peak", "projected MB", "identical indices")
     print("| " + " | ".join(header) + " |")

@@ -14,7 +14,7 @@ For each backbone, on the same synthetic images and batch size, in one run:
 The bare rates are measured before and after the jobs and averaged. On a shared machine wall
 rates swing with the load; CPU seconds per image (bare embed over job: 1 = no work beyond embed)
 are the steadier comparison. Ray workers run at nice 0 here, like the bare pass (Ray: 15). This
-process keeps freed memory as the job's model actors do (jobs._ray.keep_freed_memory): otherwise
+process keeps freed memory as the job's model actors do (jobs.cluster.keep_freed_memory): otherwise
 its forward speed would depend on what it allocated before (glibc's mmap threshold rises with the
 largest block freed), e.g. efficientnet_lite0 at batch 8 anywhere from 17 to 30 ms per image.
 
@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from benchmarks._proctree import MIB, RunResult, TreeStats, job_env, run_monitored
-from jobs._ray import keep_freed_memory
+from jobs.cluster import keep_freed_memory
 from patchcore_core import backbone, features, model, preprocess, storage
 from patchcore_core.spec import ModelSpec, default_layers
 

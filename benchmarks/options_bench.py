@@ -13,7 +13,6 @@ Eq. 7 weight differs from 1. Row "plain": a re-implementation from the paper's e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Sequence
 

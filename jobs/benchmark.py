@@ -9,7 +9,6 @@ added as reference columns when --ratio is one of the paper's 25%, 10% or 1%.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -20,9 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from jobs import _cli, _ray, datasets, evaluate, fit, score
-from jobs._shards import PipelineFlags, resolve_device
-from jobs.extract import ModelFlags
+from jobs import cluster, datasets, evaluate, fit, logs, score
+from jobs.config import (
+    CoresetFlags,
+    ModelFlags,
+    PipelineFlags,
+    arg,
+    config_dict,
+    config_json,
+    fields_of,
+    parse_config,
+)
 from patchcore_core import storage
 
 log = logging.getLogger("jobs.benchmark")
@@ -58,50 +65,56 @@ PAPER_SOURCE = ("Roth et al., Towards Total Recall in Industrial Anomaly Detecti
                 "supplementary Tables S1-S3: WideResNet50 layer2+layer3, 256 -> 224 px")
 
 
+# Its docstring is the --help text. The inherited flag groups are passed on unchanged: pipeline
+# flags to every category's fit and score job, model and coreset flags to every fit job.
 @dataclass(frozen=True, kw_only=True)
-class BenchmarkConfig(PipelineFlags, ModelFlags):
+class BenchmarkConfig(PipelineFlags, ModelFlags, CoresetFlags):
     """Fit, score and evaluate each MVTec AD category; write benchmark.md and benchmark.json."""
 
-    root: str = _cli.arg("MVTec AD root (category folders), or one category folder")
-    out: str = _cli.arg("folder for <category>/{bank,results,report}, benchmark.md and benchmark.json")
-    categories: str = _cli.arg("comma-separated categories to run; '' = every category under --root", "")
-    ratio: float | None = _cli.arg("coreset: fraction of all patches kept; 0.1 if no --size", None)
-    size: int | None = _cli.arg("coreset: number of patches kept, instead of --ratio", None)
-    seed: int = _cli.arg("seed of the coreset's projection and first selected patch", 0)
-    maps: bool = _cli.arg("also write 8-bit PNG maps and masks per test image (raw maps are always "
-                          "written, for the metrics)", True)
+    root: str = arg("MVTec AD root (category folders), or one category folder")
+    out: str = arg("folder for <category>/{bank,results,report}, benchmark.md and benchmark.json")
+    categories: str = arg("comma-separated categories to run; '' = every category under --root", "")
+    maps: bool = arg("also write 8-bit PNG maps and masks per test image (raw maps are always "
+                     "written, for the metrics)", True)
 
     def __post_init__(self) -> None:
         if not self.root or not self.out:
             raise ValueError("--root and --out must be non-empty paths or URIs")
         if self.categories and not self.category_list:
             raise ValueError(f"--categories {self.categories!r} names no category; e.g. bottle,cable")
-        self.fit_config("category", "train")  # the fit job's checks of the model and coreset flags
+        super().__post_init__()  # the pipeline, model and coreset flag checks
 
     @property
     def category_list(self) -> list[str]:
+        """--categories as a list: blanks and repeats dropped, first-seen order kept."""
         return list(dict.fromkeys(c.strip() for c in self.categories.split(",") if c.strip()))
 
-    @property
-    def effective_ratio(self) -> float | None:
-        return self.ratio if self.ratio is not None or self.size is not None else 0.1
-
-    def _shared(self, base: type) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(base)}
-
     def fit_config(self, category: str, train: str) -> fit.FitConfig:
+        """The fit job's config of one category: this run's model, pipeline and coreset flags.
+
+        train: the category's train/good folder; the bank goes to <out>/<category>/bank.
+        """
         return fit.FitConfig(
-            **self._shared(ModelFlags), **self._shared(PipelineFlags), train=train,
-            out=work_uri(self.out, category, "bank"), ratio=self.ratio, size=self.size, seed=self.seed,
+            **fields_of(self, ModelFlags, PipelineFlags, CoresetFlags), train=train,
+            out=work_uri(self.out, category, "bank"),
         )
 
     def score_config(self, category: str, test: str) -> score.ScoreConfig:
+        """The score job's config of one category (raw maps always: the metrics read them).
+
+        test: the category's test/ folder; results go to <out>/<category>/results.
+        """
         return score.ScoreConfig(
-            **self._shared(PipelineFlags), bank=work_uri(self.out, category, "bank"), images=test,
+            **fields_of(self, PipelineFlags), bank=work_uri(self.out, category, "bank"), images=test,
             out=work_uri(self.out, category, "results"), maps=self.maps, raw_maps=True,
         )
 
     def evaluate_config(self, category: str, dataset: str) -> evaluate.EvaluateConfig:
+        """The evaluate job's config of one category, on its raw maps.
+
+        dataset: the category folder (test/ and ground_truth/); raw float maps give exact pixel
+        metrics, where 8-bit PNG maps saturate at twice the pixel threshold.
+        """
         return evaluate.EvaluateConfig(
             results=work_uri(self.out, category, "results"), dataset=dataset,
             out=work_uri(self.out, category, "report"), maps="raw",
@@ -121,7 +134,10 @@ def category_folder(category: datasets.Category) -> str:
 
 def select_categories(found: dict[str, datasets.Category], wanted: Sequence[str], root: str
                       ) -> list[datasets.Category]:
-    """The requested categories (all when `wanted` is empty), in dataset order."""
+    """The requested categories (all when `wanted` is empty), in dataset order.
+
+    ValueError naming the requested categories missing under `root` and those found there.
+    """
     missing = [c for c in wanted if c not in found]
     if missing:
         raise ValueError(f"--categories {missing} not found under {root}; found: {', '.join(found)}")
@@ -136,11 +152,13 @@ def paper_reference(ratio: float | None, categories: Sequence[str]) -> dict[str,
 
     None when `ratio` is not 0.25, 0.1 or 0.01, or no category is an MVTec AD category. `mean` is the
     paper's Avg column, given only when `categories` are all 15 (the paper averages over all).
+    Returns {variant, unit, source, categories: {name: {metric: %}}, mean: {metric: %} | None}.
     """
     if ratio not in PAPER_ROWS["image_auroc"] or not set(categories) & set(PAPER_CATEGORIES):
         return None
     table = {k: [float(v) for v in rows[ratio].split()] for k, rows in PAPER_ROWS.items()}
     per_category = {
+        # values[0] is the Avg column; the categories follow in PAPER_CATEGORIES order
         name: {k: values[1 + PAPER_CATEGORIES.index(name)] for k, values in table.items()}
         for name in categories if name in PAPER_CATEGORIES
     }
@@ -158,13 +176,14 @@ def paper_reference(ratio: float | None, categories: Sequence[str]) -> dict[str,
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None; None when none is."""
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
 
 
 def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The mean row: metrics and times averaged over categories (None values skipped); images/s
-    is all scored images over all score seconds."""
+    is all scored images over all score seconds. rows: {category: row of `run_category`}."""
     mean = {k: _mean([r[k] for r in rows.values()]) for k in (*METRICS, "fit_s", "score_s")}
     timed = [r for r in rows.values() if r["score_s"] is not None]
     seconds = sum(r["score_s"] for r in timed)
@@ -173,11 +192,15 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cell(value: float | None, scale: float = 1.0) -> str:
+    """value * scale with one decimal ('-' for None); scale 100 turns fractions into %."""
     return "-" if value is None else f"{value * scale:.1f}"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """benchmark.md: the paper's Tables 1-3 side by side (in %), plus fit and score times."""
+def table_markdown(result: dict[str, Any]) -> str:
+    """benchmark.md: the paper's Tables 1-3 side by side (in %), plus fit and score times.
+
+    result: the content of benchmark.json (see `run`). Paper columns only when result["paper"].
+    """
     paper = result["paper"]
     head = ["category", "image AUROC", "pixel AUROC", "PRO"]
     if paper:
@@ -187,6 +210,7 @@ def markdown(result: dict[str, Any]) -> str:
     named = [*result["categories"].items(), ("mean", result["mean"])]
     for name, row in named:
         if paper:
+            # None for a category the paper does not have, and for the mean of a subset
             reference = paper["mean"] if name == "mean" else paper["categories"].get(name)
             cells = [c for k in METRICS
                      for c in (_cell(row[k], 100), _cell(reference[k] if reference else None))]
@@ -219,7 +243,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _timed(step: Any, config: Any, folder: str, saved: float | None, options: dict[str, Any]
            ) -> tuple[int, float | None]:
-    """(exit status, seconds) of `step.run(config)`; a no-op on a committed folder keeps `saved`."""
+    """(exit status, seconds) of `step.run(config)`, step being jobs.fit or jobs.score.
+
+    On a committed folder the step is a no-op: keep `saved`, the time of the run that did the work.
+    """
     was_committed = storage.is_committed(folder, options) and not config.overwrite
     started = time.monotonic()
     status = step.run(config)
@@ -228,13 +255,19 @@ def _timed(step: Any, config: Any, folder: str, saved: float | None, options: di
 
 def run_category(config: BenchmarkConfig, category: datasets.Category, options: dict[str, Any]
                  ) -> tuple[int, dict[str, Any]]:
-    """Fit, score and evaluate one category; (exit status, its table row)."""
+    """Fit, score and evaluate one category; (exit status, its table row).
+
+    The row: METRICS as fractions, fit_s, score_s, images_per_s, train_images, test_images,
+    bank_entries, report (report.md's URI); {} with the status of the first job that fails.
+    Writes <out>/<category>/{bank,results,report} and timing.json.
+    """
     name, folder = category.name, category_folder(category)
     timing_uri = storage.join_uri(config.out, name, TIMING_FILE)
     saved = (json.loads(storage.read_bytes(timing_uri, options)) if storage.exists(timing_uri, options)
              else {"fit_s": None, "score_s": None})
     status, saved["fit_s"] = _timed(fit, config.fit_config(name, storage.join_uri(folder, "train", "good")),
                                     work_uri(config.out, name, "bank"), saved["fit_s"], options)
+    # saved after each job, so a rerun after a failed score still knows how long fit took
     storage.write_bytes(timing_uri, json.dumps(saved).encode(), options)
     if status:
         return status, {}
@@ -263,9 +296,15 @@ def run_category(config: BenchmarkConfig, category: datasets.Category, options: 
 
 
 def run(config: BenchmarkConfig) -> int:
-    """The benchmark; returns the exit status (non-zero when a job failed)."""
-    log.info("config %s", _cli.config_json(config))
-    options = _cli.parse_storage_options(config.storage_options)
+    """The benchmark; returns the exit status (non-zero when a job failed).
+
+    Runs every selected category in one Ray session, then writes <out>/benchmark.json (settings,
+    rows, mean row, paper reference, config, package versions) and benchmark.md and prints the
+    table. A failed job stops the run before the table is written; a rerun resumes. --dry-run
+    only lists the categories. ValueError for a bad --root layout or unknown --categories.
+    """
+    log.info("config %s", config_json(config))
+    options = config.options
     found = datasets.read_mvtec(config.root, options)
     selected = select_categories(found, config.category_list, config.root)
     log.info("benchmark mvtec: %d categories: %s", len(selected), ", ".join(c.name for c in selected))
@@ -275,8 +314,8 @@ def run(config: BenchmarkConfig) -> int:
                   f"-> {storage.join_uri(config.out, c.name)}")
         return 0
     rows: dict[str, dict[str, Any]] = {}
-    with _ray.ray_session():  # one Ray for every job instead of one per job
-        device = resolve_device(config.device)
+    with cluster.ray_session():  # one Ray for every job instead of one per job
+        device = cluster.resolve_device(config.device)  # needs the connected Ray's GPU count
         for i, category in enumerate(selected):
             log.info("benchmark category %d/%d: %s", i + 1, len(selected), category.name)
             status, rows[category.name] = run_category(config, category, options)
@@ -296,10 +335,10 @@ def run(config: BenchmarkConfig) -> int:
         "categories": rows,
         "mean": summarise(rows),
         "paper": paper_reference(config.effective_ratio, list(rows)),
-        "config": _cli.config_dict(config),
+        "config": config_dict(config),
         "versions": storage.package_versions(),
     }
-    text = markdown(result)
+    text = table_markdown(result)
     storage.write_bytes(storage.join_uri(config.out, "benchmark.json"),
                         json.dumps(result, indent=2, allow_nan=False).encode(), options)
     storage.write_bytes(storage.join_uri(config.out, "benchmark.md"), text.encode(), options)
@@ -309,7 +348,11 @@ def run(config: BenchmarkConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`patchcore benchmark SUITE [flags]`; SUITE is `mvtec`."""
+    """`patchcore benchmark SUITE [flags]`; SUITE is `mvtec`.
+
+    Exits 0 after `--help` without a suite, 2 when the suite is missing or unknown or a flag is
+    bad, and with the failed job's status when a category fails.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in SUITES:
         usage = "usage: patchcore benchmark SUITE [--help] [flags]\nsuites: " + ", ".join(SUITES)
@@ -321,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{usage}\npatchcore benchmark: error: the first argument is the suite "
               f"({', '.join(SUITES)}); {got}", file=sys.stderr)
         raise SystemExit(2)
-    config = _cli.parse_config(BenchmarkConfig, args[1:], prog="patchcore benchmark mvtec")
-    _ray.setup_logging()
+    config = parse_config(BenchmarkConfig, args[1:], prog="patchcore benchmark mvtec")
+    logs.setup_logging()
     status = run(config)
     if status:
         sys.exit(status)

@@ -1,4 +1,9 @@
-"""The `patchcore` command: dispatches `patchcore COMMAND ...` to `jobs.COMMAND.main(argv)` (DESIGN.md §5)."""
+"""The `patchcore` command: dispatches `patchcore COMMAND ...` to `jobs.COMMAND.main(argv)` (DESIGN.md §5).
+
+Owns the command table and the top-level usage. Must not parse a command's flags (each job's
+`parse_config` does) or import a job module before its command is chosen (most import torch or
+Ray).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
+    """Top-level help: a line per command of COMMANDS, then where flags and the cluster come from."""
     lines = ["usage: patchcore COMMAND [--help] [flags]", "", "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += [
@@ -32,7 +38,14 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run `patchcore COMMAND [flags]`; exits 2 with the list of commands on a bad command."""
+    """Run `patchcore COMMAND [flags]` by calling that command module's `main(flags)`.
+
+    argv: the words after `patchcore` (default sys.argv[1:]). Exits 0 after `--help`; 2 with the
+    usage on stderr when the command is missing, unknown or not installed; 1 with one
+    `patchcore COMMAND: error: ...` line when the job raises ValueError, TypeError,
+    FileNotFoundError or FileExistsError (bad input). The job's own exits (status 2 for a flag
+    error or more failed inputs than --max-failures) pass through unchanged.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(usage(), file=sys.stderr)
@@ -47,11 +60,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     module_name = COMMANDS[command][0]
+    # find_spec, not a failed import: only a missing job module is an installation problem; an
+    # ImportError raised inside the module (a broken dependency) keeps its traceback.
     if importlib.util.find_spec(module_name) is None:
         print(f"patchcore: error: command {command!r} is not available in this installation "
               f"(module {module_name} is missing); reinstall with `pip install -e .`", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(module_name)  # only the chosen job's dependencies load
     try:
         module.main(rest)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,66 +25,66 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from jobs import _cli, _ray
-from patchcore_core import coreset, storage
+from jobs import cluster, logs
+from jobs.config import ActorFlags, CoresetFlags, arg, config_dict, config_json, parse_config
+from jobs.folders import reuse_committed
+from patchcore_core import coreset, features, storage
 from patchcore_core.bank import Bank
 from patchcore_core.spec import ModelSpec
 
 log = logging.getLogger("jobs.coreset")
 
 CHECKPOINT = "_checkpoint/coreset.json"
-DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_RATIO = 0.1
-# Elements of the (rows, d) temporary in one min-distance update: 16 MiB on CPU, 256 MiB on GPU.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-@dataclass(frozen=True)
-class CoresetConfig:
+@dataclass(frozen=True, kw_only=True)
+class CoresetConfig(ActorFlags, CoresetFlags):
     """Select a coreset memory bank from a feature store (PatchCore §3.2) on K Ray actors."""
 
-    features: str = _cli.arg("feature store folder/URI written by `patchcore extract`")
-    out: str = _cli.arg("bank folder/URI to write (manifest.json last)")
-    ratio: float | None = _cli.arg(f"fraction of all patches to keep; {DEFAULT_RATIO} if no --size", None)
-    size: int | None = _cli.arg("number of patches to keep, instead of --ratio", None)
-    projection_dim: int = _cli.arg("width of the seeded Gaussian random projection", 128)
-    seed: int = _cli.arg("seed of the projection and of the first selected patch", 0)
-    workers: int = _cli.arg("actors sharing the features; 0 = one per GPU, or per CPU up to the shards", 0)
-    cpus_per_worker: float = _cli.arg("CPUs Ray reserves for each actor", 1.0)
-    device: str = _cli.arg("auto|cpu|cuda; auto = cuda when the Ray cluster has GPUs", "auto")
-    checkpoint_every: int = _cli.arg("greedy steps between checkpoints; 0 = max(1000, size/100)", 0)
-    retries: int = _cli.arg("restarts from the last checkpoint after an actor failure", 2)
-    overwrite: bool = _cli.arg("replace a committed bank at --out", False)
-    dry_run: bool = _cli.arg("read the feature manifest, log the plan, then stop", False)
-    storage_options: str = _cli.arg("JSON object of fsspec options for every URI", "")
+    features: str = arg("feature store folder/URI written by `patchcore extract`")
+    out: str = arg("bank folder/URI to write (manifest.json last)")
+    workers: int = arg("actors sharing the features; 0 = one per GPU, or per CPU up to the shards", 0)
+    checkpoint_every: int = arg("greedy steps between checkpoints; 0 = max(1000, size/100)", 0)
+    retries: int = arg("restarts from the last checkpoint after an actor failure", 2)
+    placement: str = arg("pack|spread: how the ranks, reserved all at once as one placement group, "
+                         "go on nodes; pack = as few nodes as possible (all-gathers stay on the "
+                         "host), spread = one per node where possible (spreads memory and CPU)",
+                         "pack")
+    placement_timeout_s: float = arg("seconds to wait until every rank's CPUs/GPU are free at once "
+                                     "(an autoscaler may be adding nodes); then fail naming what "
+                                     "is missing", 600.0)
+    network_interface: str = arg("network interface of the collective on every node, e.g. eth0 "
+                                 "(sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME) for clusters "
+                                 "with several networks; '' = gloo/NCCL choose. The rendezvous is "
+                                 "at rank 0's Ray node address", "")
+    rendezvous_port: int = arg("TCP port of the rendezvous store on rank 0's node, for clusters "
+                               "whose firewall opens only known ports; 0 = a free port rank 0 "
+                               "picks. gloo/NCCL then connect the ranks on ephemeral ports: allow "
+                               "TCP between the nodes on the --network-interface", 0)
 
     def __post_init__(self) -> None:
         if not self.features or not self.out:
             raise ValueError("--features and --out must be non-empty paths or URIs")
-        if self.ratio is not None and self.size is not None:
-            raise ValueError(f"give --ratio or --size, not both (got {self.ratio} and {self.size})")
-        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.size is not None and self.size < 1:
-            raise ValueError(f"--size must be >= 1, got {self.size}")
-        if self.projection_dim < 1:
-            raise ValueError(f"--projection-dim must be >= 1, got {self.projection_dim}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0 (0 = automatic), got {self.workers}")
-        if not 0.0 < self.cpus_per_worker <= 1024:
-            raise ValueError(f"--cpus-per-worker must be in (0, 1024], got {self.cpus_per_worker}")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0 = automatic), got {self.checkpoint_every}")
         if self.retries < 0:
             raise ValueError(f"--retries must be >= 0, got {self.retries}")
-        _cli.parse_storage_options(self.storage_options)  # raises on bad JSON
-
-    def num_samples(self, num_points: int) -> int:
-        ratio = DEFAULT_RATIO if self.ratio is None and self.size is None else self.ratio
-        return coreset.coreset_size(num_points, ratio, self.size)
+        if self.placement not in cluster.PLACEMENT_STRATEGIES:
+            raise ValueError(f"--placement must be one of {', '.join(cluster.PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement!r}")
+        if not self.placement_timeout_s > 0:
+            raise ValueError(f"--placement-timeout-s must be > 0 seconds, got {self.placement_timeout_s}")
+        if not 0 <= self.rendezvous_port <= 65535:
+            raise ValueError(f"--rendezvous-port must be in [0, 65535] (0 = a free port), got "
+                             f"{self.rendezvous_port}")
+        if any(c.isspace() for c in self.network_interface):
+            raise ValueError(f"--network-interface must be an interface name such as eth0, got "
+                             f"{self.network_interface!r}")
+        super().__post_init__()  # the actor and coreset flag checks
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class FeatureStore:
 
 
 def read_feature_store(uri: str, storage_options: dict[str, Any]) -> FeatureStore:
-    """Parse `uri/manifest.json` (kind "features": spec, embed_dim, shards [{file, rows}])."""
+    """Parse `uri/manifest.json` (kind "features": spec, embed_dim, feature_width, shards
+    [{file, rows}]); stores written before low-rank features lack feature_width (= embed_dim)."""
     manifest = storage.read_manifest(uri, "features", storage_options)
     missing = [key for key in ("spec", "embed_dim", "shards") if key not in manifest]
     if missing:
@@ -111,9 +114,13 @@ def read_feature_store(uri: str, storage_options: dict[str, Any]) -> FeatureStor
     shards = manifest["shards"]
     if not shards or not all(isinstance(s, dict) and {"file", "rows"} <= s.keys() for s in shards):
         raise ValueError(f"feature store {uri}: 'shards' must be a non-empty list of {{file, rows}}")
-    dim = int(manifest["embed_dim"])
-    if dim != spec.embed_dim:
-        raise ValueError(f"feature store {uri}: embed_dim {dim} != spec.embed_dim {spec.embed_dim}")
+    dim = int(manifest.get("feature_width", manifest["embed_dim"]))
+    if dim != features.feature_width(spec):
+        raise ValueError(
+            f"feature store {uri}: features are {dim} wide but its spec stores "
+            f"{features.feature_width(spec)}-wide ones (embed_dim {spec.embed_dim}, low_rank "
+            f"{spec.low_rank}); rerun `patchcore extract`"
+        )
     store = FeatureStore(
         uri=uri,
         spec=spec,
@@ -153,7 +160,8 @@ def partition(shard_rows: Sequence[int], workers: int) -> list[list[int]]:
 class CoresetWorker:
     """Ray actor: one contiguous range of projected rows [offset, offset + n) and its min distances.
 
-    Holds (n, d) projected features plus (n,) squared min distances, never the D-wide features.
+    Holds (n, d) projected features plus (n,) squared min distances, never the W-wide stored
+    features (W = dim: embed_dim, or r for low-rank specs; `spec` is ModelSpec.to_json()).
     All actors of a job run `run` together; every step ends in one all-gather.
     """
 
@@ -164,45 +172,68 @@ class CoresetWorker:
         shard_uris: list[str],
         shard_rows: list[int],
         offset: int,
+        spec: dict[str, Any],
         dim: int,
         projection_dim: int,
         seed: int,
         device: str,
         storage_options: dict[str, Any],
+        network_interface: str,
     ) -> None:
         self.rank, self.world_size = rank, world_size
+        if network_interface:  # read by gloo at init_process_group, by NCCL at its first collective
+            check_interface(network_interface)
+            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = network_interface
         self.shard_uris, self.shard_rows, self.offset, self.dim = shard_uris, shard_rows, offset, dim
         self.storage_options = storage_options
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.store: Any = None
-        projection = coreset.projection_matrix(dim, projection_dim, seed).to(self.device)
+        # ψ for the stored width: low-rank features select the same coreset as D-dim ones
+        projection = features.coreset_projection(ModelSpec.from_json(spec), projection_dim, seed)
+        assert projection.shape == (dim, projection_dim), (projection.shape, dim)
+        projection = projection.to(self.device)
         # (n, d); filled one shard at a time so only one shard's (rows, D) block is ever in memory
         self.projected = torch.empty(sum(shard_rows), projection_dim, device=self.device)
         lo = 0
         for uri, rows in zip(shard_uris, shard_rows):
-            features = storage.read_feature_shard(uri, ["feature"], storage_options)["feature"]
-            if features.shape != (rows, dim):
+            stored = storage.read_feature_shard(uri, ["feature"], storage_options)["feature"]
+            if stored.shape != (rows, dim):
                 raise ValueError(
-                    f"feature shard {uri} holds {tuple(features.shape)} features but the manifest "
+                    f"feature shard {uri} holds {tuple(stored.shape)} features but the manifest "
                     f"says ({rows}, {dim}); the feature store is corrupt, rerun `patchcore extract`"
                 )
             # projected per shard: a row's bits depend on its shard only, whatever the partition
-            self.projected[lo : lo + rows] = features.to(self.device) @ projection
+            self.projected[lo : lo + rows] = stored.to(self.device) @ projection
             lo += rows
-            del features
+            del stored
         # exact pruned min-distance state over these rows (same floats as the plain loop)
         self.state = coreset.MinDistances(self.projected)
 
     def num_rows(self) -> int:
         return int(self.projected.shape[0])
 
-    def open_store(self) -> tuple[str, int]:
-        """Rank 0: start the TCP rendezvous store on a free port of this node; (host, port)."""
+    def node(self) -> str:
+        """Ray node id of this actor (recorded in the bank manifest: where each rank ran)."""
+        return ray.get_runtime_context().get_node_id()
+
+    def open_store(self, port: int) -> tuple[str, int]:
+        """Rank 0: start the TCP rendezvous store on this node; (host, port) for the other ranks.
+
+        host: Ray's address of this node, which every node reaches as Ray itself does (the store
+        listens on all of the node's addresses). port: `port`, or when 0 a free one the kernel
+        picks, so that jobs sharing a node never collide.
+        """
         host = ray.util.get_node_ip_address()
-        self.store = dist.TCPStore(
-            host, 0, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT
-        )
+        try:
+            self.store = dist.TCPStore(
+                host, port, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT
+            )
+        except RuntimeError as err:  # torch's DistNetworkError: address in use, cannot bind
+            raise ValueError(
+                f"rendezvous store cannot listen on {host}:{port} ({err}); pass another "
+                "--rendezvous-port, or 0 for a free port"
+            ) from err
         return host, int(self.store.port)
 
     def join(self, host: str, port: int) -> None:
@@ -246,10 +277,10 @@ class CoresetWorker:
             mine[0], mine[1] = value, index
             mine[2:] = self.projected[index - self.offset]
             dist.all_gather(gathered, mine)
-            proposals = torch.stack(gathered).cpu()  # (K, d + 2)
-            # largest value, then smallest global row (paper tie-break; split invariant)
-            winner = min(range(self.world_size),
-                         key=lambda k: (-float(proposals[k, 0]), float(proposals[k, 1])))
+            proposals = torch.stack(gathered).cpu()  # (K, d + 2), ranks in global row order
+            # largest value, then smallest global row (paper tie-break; split invariant): rank k
+            # owns rows below rank k + 1's, so the first rank holding the largest value wins
+            _, winner = coreset.local_argmax(proposals[:, 0], 0)
             index = int(proposals[winner, 1])
             self._add_centre(proposals[winner, 2:].to(self.device, torch.float32), index)
             chosen.append(index)
@@ -262,7 +293,7 @@ class CoresetWorker:
         return math.sqrt(float(local))
 
     def rows(self, chosen: list[int]) -> dict[str, Any]:
-        """Full-D features and provenance of the chosen rows this actor owns (any order)."""
+        """Stored (W-wide) features and provenance of the chosen rows this actor owns (any order)."""
         out: dict[str, Any] = {"index": [], "feature": [], "image_id": [], "y": [], "x": []}
         lo = self.offset
         wanted = np.asarray(sorted(chosen), dtype=np.int64)
@@ -285,6 +316,16 @@ class CoresetWorker:
 
     def close(self) -> None:
         dist.destroy_process_group()
+
+
+def check_interface(name: str) -> None:
+    """ValueError unless this node has network interface `name`, naming the ones it has."""
+    have = sorted(n for _, n in socket.if_nameindex())
+    if name not in have:
+        raise ValueError(
+            f"--network-interface {name!r}: node {ray.util.get_node_ip_address()} has no such "
+            f"interface, only {have}; pass one that every node has, or '' to let gloo/NCCL choose"
+        )
 
 
 def checkpoint_identity(cfg: CoresetConfig, store: FeatureStore, start: int) -> dict[str, Any]:
@@ -317,21 +358,6 @@ def load_checkpoint(uri: str, identity: dict[str, Any], options: dict[str, Any])
     return chosen
 
 
-def _resolve_resources(cfg: CoresetConfig, num_shards: int) -> tuple[str, int]:
-    """(device, workers) from the config and the connected cluster."""
-    gpus = _ray.cluster_gpus()
-    device = ("cuda" if gpus > 0 else "cpu") if cfg.device == "auto" else cfg.device
-    if device == "cuda" and gpus < 1:
-        raise ValueError("--device cuda but the Ray cluster has no GPUs; use --device cpu or auto")
-    if cfg.workers:
-        workers = cfg.workers
-    elif device == "cuda":
-        workers = gpus
-    else:
-        workers = int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_worker)
-    return device, max(1, min(workers, num_shards))
-
-
 def select(
     cfg: CoresetConfig,
     store: FeatureStore,
@@ -340,66 +366,84 @@ def select(
     save_checkpoint: Callable[[list[int]], None],
     options: dict[str, Any],
 ) -> tuple[list[int], float, dict[str, Any], dict[str, Any]]:
-    """Greedy selection on actors, continuing from `chosen`; (indices, radius, bank rows, layout)."""
-    device, workers = _resolve_resources(cfg, sum(1 for r in store.shard_rows if r > 0))
+    """Greedy selection on actors, continuing from `chosen`; (indices, radius, bank rows, layout).
+
+    The ranks are reserved together as one placement group (`cluster.place_gang`): all start or
+    none, within --placement-timeout-s. After an actor or node failure the group keeps (or Ray
+    re-reserves) its bundles, fresh actors take them and resume from the last checkpoint.
+    """
+    device, workers = cluster.coreset_actors(
+        cfg, sum(1 for r in store.shard_rows if r > 0), store.num_rows)
     groups = partition(store.shard_rows, workers)
     starts = np.concatenate([[0], np.cumsum(store.shard_rows)]).tolist()
     every = cfg.checkpoint_every or max(1000, num_samples // 100)
     run_id = uuid.uuid4().hex[:8]
     log.info("coreset run %s on %d %s actor(s), shard groups %s, %d steps per chunk",
              run_id, len(groups), device, [[g[0], g[-1]] for g in groups], every)
-    # all actors must run at once (collectives): say so if the cluster cannot hold them now
-    cpus, have = len(groups) * cfg.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0)
-    if cpus > have:
-        log.warning("%d actors need %.1f CPUs but the cluster has %.1f: waiting for more nodes; "
-                    "lower --workers or --cpus-per-worker to start now", len(groups), cpus, have)
+    bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if device == "cuda" else {})}
+    group = cluster.place_gang(len(groups), bundle, cfg.placement, cfg.placement_timeout_s,
+                               label=f"coreset run {run_id}")
     remote = ray.remote(CoresetWorker)
     attempt = 0
-    while True:
-        actors = [
-            remote.options(  # named for `ray list actors`: coreset-<run>-<attempt>-<rank>
-                name=f"coreset-{run_id}-{attempt}-{rank}", num_cpus=cfg.cpus_per_worker,
-                num_gpus=1 if device == "cuda" else 0, max_restarts=0,
-            ).remote(
-                rank, len(groups), [store.shard_uris[i] for i in group],
-                [store.shard_rows[i] for i in group], starts[group[0]], store.dim,
-                cfg.projection_dim, cfg.seed, device, options,
-            )
-            for rank, group in enumerate(groups)
-        ]
-        try:
-            _ray.get_all([a.num_rows.remote() for a in actors])  # all shards read and projected
-            host, port = ray.get(actors[0].open_store.remote())
-            _ray.get_all([a.join.remote(host, port) for a in actors])
-            _ray.get_all([a.reset.remote(chosen) for a in actors])
-            progress = _ray.Progress("coreset steps", num_samples, done=len(chosen), interval_s=5.0)
-            while len(chosen) < num_samples:
-                steps = min(every, num_samples - len(chosen))
-                new = _ray.get_all([a.run.remote(steps) for a in actors])
-                assert all(n == new[0] for n in new), "actors disagree on the winners"
-                chosen = chosen + new[0]
-                save_checkpoint(chosen)
-                progress.update(len(chosen), force=len(chosen) == num_samples)
-            radius = _ray.get_all([a.radius.remote() for a in actors])[0]
-            parts = _ray.get_all([a.rows.remote(chosen) for a in actors])
-            _ray.get_all([a.close.remote() for a in actors])
-            layout = {"device": device, "workers": len(groups), "restarts": attempt}
-            return chosen, radius, _merge_rows(parts, chosen), layout
-        except ray.exceptions.RayError as err:
-            attempt += 1
-            if attempt > cfg.retries:
-                raise
-            log.warning("coreset actor failed (%s); restart %d/%d from step %d",
-                        type(err).__name__, attempt, cfg.retries, len(chosen))
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+    try:
+        while True:
+            if not group.wait(timeout_seconds=cfg.placement_timeout_s):  # re-reserved after a node loss
+                raise TimeoutError(f"coreset run {run_id}: the ranks' placement group lost "
+                                   f"bundles and got none back within --placement-timeout-s "
+                                   f"{cfg.placement_timeout_s:g}; the cluster has {ray.available_resources()} free")
+            actors = [
+                remote.options(  # named for `ray list actors`: coreset-<run>-<attempt>-<rank>
+                    name=f"coreset-{run_id}-{attempt}-{rank}", num_cpus=cfg.cpus_per_worker,
+                    num_gpus=1 if device == "cuda" else 0, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=group, placement_group_bundle_index=rank),
+                ).remote(
+                    rank, len(groups), [store.shard_uris[i] for i in shard_group],
+                    [store.shard_rows[i] for i in shard_group], starts[shard_group[0]],
+                    store.spec.to_json(), store.dim, cfg.projection_dim, cfg.seed, device, options,
+                    cfg.network_interface,
+                )
+                for rank, shard_group in enumerate(groups)
+            ]
+            try:
+                cluster.get_all([a.num_rows.remote() for a in actors])  # all shards read and projected
+                nodes = cluster.get_all([a.node.remote() for a in actors])
+                host, port = ray.get(actors[0].open_store.remote(cfg.rendezvous_port))
+                log.info("coreset run %s attempt %d: rendezvous at %s:%d; ranks on %d node(s): %s",
+                         run_id, attempt, host, port, len(set(nodes)), [n[:8] for n in nodes])
+                cluster.get_all([a.join.remote(host, port) for a in actors])
+                cluster.get_all([a.reset.remote(chosen) for a in actors])
+                progress = logs.Progress("coreset steps", num_samples, done=len(chosen), interval_s=5.0)
+                while len(chosen) < num_samples:
+                    steps = min(every, num_samples - len(chosen))
+                    new = cluster.get_all([a.run.remote(steps) for a in actors])
+                    assert all(n == new[0] for n in new), "actors disagree on the winners"
+                    chosen = chosen + new[0]
+                    save_checkpoint(chosen)
+                    progress.update(len(chosen), force=len(chosen) == num_samples)
+                radius = cluster.get_all([a.radius.remote() for a in actors])[0]
+                parts = cluster.get_all([a.rows.remote(chosen) for a in actors])
+                cluster.get_all([a.close.remote() for a in actors])
+                layout = {"device": device, "workers": len(groups), "restarts": attempt,
+                          "nodes": nodes}  # Ray node id of each rank (last attempt)
+                return chosen, radius, _merge_rows(parts, chosen), layout
+            except ray.exceptions.RayError as err:
+                attempt += 1
+                if attempt > cfg.retries:
+                    raise
+                log.warning("coreset actor failed (%s); restart %d/%d from step %d",
+                            type(err).__name__, attempt, cfg.retries, len(chosen))
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+    finally:
+        remove_placement_group(group)
 
 
 def _merge_rows(parts: Sequence[dict[str, Any]], chosen: list[int]) -> dict[str, Any]:
     """Bank rows from the actors' parts, in selection order."""
     index = np.concatenate([p["index"] for p in parts])
-    features = np.concatenate([p["feature"] for p in parts])
+    stored = np.concatenate([p["feature"] for p in parts])
     image_ids = [i for p in parts for i in p["image_id"]]
     ys = np.concatenate([p["y"] for p in parts])
     xs = np.concatenate([p["x"] for p in parts])
@@ -407,7 +451,7 @@ def _merge_rows(parts: Sequence[dict[str, Any]], chosen: list[int]) -> dict[str,
     assert len(where) == len(index) == len(chosen), (len(where), len(index), len(chosen))
     order = [where[g] for g in chosen]
     return {
-        "feature": torch.from_numpy(features[order]),
+        "feature": torch.from_numpy(stored[order]),
         "image_id": tuple(image_ids[j] for j in order),
         "y": torch.from_numpy(ys[order]),
         "x": torch.from_numpy(xs[order]),
@@ -416,17 +460,15 @@ def _merge_rows(parts: Sequence[dict[str, Any]], chosen: list[int]) -> dict[str,
 
 def run(cfg: CoresetConfig) -> None:
     """The job: resolve, select (resuming from a checkpoint), publish the bank."""
-    options = _cli.parse_storage_options(cfg.storage_options)
-    log.info("config %s", _cli.config_json(cfg))
+    options = cfg.options
+    log.info("config %s", config_json(cfg))
     store = read_feature_store(cfg.features, options)  # fail before touching the cluster
     num_points = store.num_rows
     num_samples = cfg.num_samples(num_points)
     start = coreset.first_index(num_points, cfg.seed)
     log.info("feature store %s: %d patches of D=%d in %d shards; keeping %d, starting at row %d",
              store.uri, num_points, store.dim, len(store.shard_uris), num_samples, start)
-    if storage.is_committed(cfg.out, options) and not cfg.overwrite:
-        storage.read_manifest(cfg.out, "bank", options)  # a folder of another kind is an error
-        log.info("bank %s is already committed; nothing to do (pass --overwrite to rebuild)", cfg.out)
+    if reuse_committed(cfg.out, "bank", options, overwrite=cfg.overwrite) is not None:
         return
     if cfg.dry_run:
         log.info("dry run: stopping before any work")
@@ -445,7 +487,7 @@ def run(cfg: CoresetConfig) -> None:
         body = {**identity, "step": len(indices), "chosen": indices}
         storage.write_bytes(checkpoint_uri, json.dumps(body).encode("utf-8"), options)
 
-    with _ray.ray_session():
+    with cluster.ray_session():
         chosen, radius, rows, layout = select(
             cfg, store, chosen, num_samples, save_checkpoint, options
         )
@@ -464,7 +506,7 @@ def run(cfg: CoresetConfig) -> None:
                         **layout},
             "features": store.uri,
             "features_digest": store.digest,
-            "config": _cli.config_dict(cfg),
+            "config": config_dict(cfg),
         },
     )
     storage.save_bank(cfg.out, bank, options)
@@ -473,8 +515,8 @@ def run(cfg: CoresetConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    _ray.setup_logging()
-    run(_cli.parse_config(CoresetConfig, argv, prog="patchcore coreset"))
+    logs.setup_logging()
+    run(parse_config(CoresetConfig, argv, prog="patchcore coreset"))
 
 
 if __name__ == "__main__":

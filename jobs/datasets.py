@@ -1,7 +1,8 @@
 """Labelled datasets (MVTec AD layout as in paper §4.1, VisA split CSV) and their ground truth.
 
 Readers return, per category, the nominal training image URIs and the test items (URI, label,
-defect type, mask URI); helpers match scored URIs to test items and bring masks into crop space.
+defect type, mask URI); helpers match scored URIs to test items and read masks (their crop-space
+geometry is `preprocess.mask_to_crop`).
 Local paths and fsspec URIs alike, via patchcore_core.storage.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from patchcore_core import preprocess, storage
+from patchcore_core import storage
 
 NOMINAL = "good"  # MVTec's name for the defect-free test folder
 MVTEC_LAYOUT = (
@@ -45,6 +45,9 @@ class TestItem:
 
 @dataclass(frozen=True)
 class Category:
+    """One category (VisA: object). train: sorted nominal image URIs (empty only when read with
+    require_train=False); test: labelled items sorted by path, both labels present."""
+
     name: str
     train: tuple[str, ...]
     test: tuple[TestItem, ...]
@@ -59,15 +62,15 @@ def load_dataset(
     *,
     require_train: bool = True,
 ) -> dict[str, Category]:
-    """Categories of the dataset at `uri`, sorted by name.
+    """Categories of the dataset at `uri`, sorted by name; reads listings and CSVs, not images.
 
     uri: an MVTec AD root, one MVTec-style category folder, a VisA split CSV (object, split, label,
     image, mask), or a VisA root holding split_csv/1cls.csv. ValueError when the layout is wrong or
-    incomplete, naming what was expected and what was found.
+    incomplete, naming what was expected and found; require_train=False accepts no train images.
     """
     if uri.rstrip("/").lower().endswith(".csv"):
         return read_visa(uri, storage_options, require_train=require_train)
-    visa_csv = storage.join_uri(uri, "split_csv", "1cls.csv")
+    visa_csv = storage.join_uri(uri, "split_csv", "1cls.csv")  # VisA's one-class split
     if storage.exists(visa_csv, storage_options):
         return read_visa(visa_csv, storage_options, require_train=require_train)
     return read_mvtec(uri, storage_options, require_train=require_train)
@@ -77,18 +80,19 @@ def load_dataset(
 
 
 def _relative_paths(uri: str, storage_options: dict[str, Any] | None) -> tuple[str, dict[str, str]]:
-    """(base URI, {path relative to uri: full URI}) of every image below `uri`."""
-    fs, path = storage.url_to_fs(uri, storage_options)
-    if not fs.isdir(path):
+    """(base URI, {path relative to uri: full URI}) of every image below `uri`.
+
+    ValueError when `uri` is not a folder or holds no image.
+    """
+    if not storage.is_dir(uri, storage_options):
         raise ValueError(f"dataset {uri!r} is not a folder (or does not exist); expected {MVTEC_LAYOUT}")
     try:
         found = storage.list_images(uri, storage_options)
     except ValueError as err:
         raise ValueError(f"dataset {uri!r} holds no images; expected {MVTEC_LAYOUT}") from err
-    # list_images gives plain absolute paths locally and 'proto://path' remotely
-    for base in (path.rstrip("/"), fs.unstrip_protocol(path).rstrip("/")):
-        if all(u.startswith(base + "/") for u in found):
-            return base, {u[len(base) + 1 :]: u for u in found}
+    base = storage.normalise_uri(uri)  # the form list_images gives its URIs
+    if all(u.startswith(base + "/") for u in found):
+        return base, {u[len(base) + 1 :]: u for u in found}
     raise AssertionError(f"listed images of {uri} do not share its prefix: {found[:3]}")
 
 
@@ -106,7 +110,12 @@ def _describe(paths: Sequence[str], depth: int) -> str:
 def _mvtec_category(
     name: str, where: str, rel: dict[str, str], require_train: bool
 ) -> Category:
-    """One category from {path relative to the category folder: URI}."""
+    """One category from {path relative to the category folder: URI}; `where` is for messages.
+
+    Masks pair with test images by defect folder and file stem, with or without MVTec's `_mask`
+    suffix. ValueError, listing what was found, when train/good/ is empty (if required), a test
+    image is not directly in test/<defect>/, a defect image has no mask, or a label has no image.
+    """
     train = sorted(u for r, u in rel.items() if r.startswith("train/good/"))
     tests = {r: u for r, u in rel.items() if r.startswith("test/")}
     # mask lookup: ground_truth/<defect>/<stem>[_mask].<ext>
@@ -159,7 +168,12 @@ def read_mvtec(
     *,
     require_train: bool = True,
 ) -> dict[str, Category]:
-    """MVTec AD root (category folders) or a single MVTec-style category folder."""
+    """MVTec AD root (category folders) or a single MVTec-style category folder, by name.
+
+    A folder with test/ directly in it is one category named after the folder; otherwise every
+    first-level folder holding test/ is a category. ValueError when no folder holds test/, or
+    one holds train/ or ground_truth/ without test/.
+    """
     base, rel = _relative_paths(uri, storage_options)
     if any(r.startswith("test/") for r in rel):  # a single category folder
         name = posixpath.basename(base) or "dataset"
@@ -175,6 +189,7 @@ def read_mvtec(
             f"dataset {uri!r} has no test/ folder at its top or one level down; expected "
             f"{MVTEC_LAYOUT}; found: {_describe(list(rel), 2)}"
         )
+    # a category copied without its test/ would otherwise drop out of the evaluation unnoticed
     partial = sorted(n for n, sub in by_category.items() if n not in names
                      and any(r.startswith(("train/", "ground_truth/")) for r in sub))
     if partial:
@@ -189,12 +204,6 @@ def read_mvtec(
 
 
 # --------------------------------------------------------------------------- VisA split CSV
-
-
-def _full_uri(fs: Any, path: str) -> str:
-    """Same form as storage.list_images: plain absolute path locally, 'proto://path' remotely."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return path if "file" in protocols else fs.unstrip_protocol(path)
 
 
 def _resolve(root: str, entry: str) -> str:
@@ -213,11 +222,14 @@ def read_visa(
     """VisA's split CSV (columns object, split, label, image, mask; label normal/anomaly).
 
     Relative paths resolve against the dataset root: the CSV's folder, or its parent when that
-    folder is VisA's `split_csv/`.
+    folder is VisA's `split_csv/`. Anomalous items get the defect type "anomaly" (the CSV names
+    none). ValueError for a missing file or column; a row (named by its line) with an unknown
+    label or split, an anomalous training image or an anomalous test image without a mask; an
+    object lacking train rows (if required) or test rows of either label.
     """
-    fs, path = storage.url_to_fs(csv_uri, storage_options)
-    if not fs.isfile(path):
+    if not storage.is_file(csv_uri, storage_options):
         raise ValueError(f"VisA split CSV {csv_uri!r} does not exist")
+    # utf-8-sig: a CSV saved by Excel starts with a BOM that would stick to the first column name
     text = storage.read_bytes(csv_uri, storage_options).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in reader.fieldnames or []]
@@ -226,11 +238,11 @@ def read_visa(
             f"{csv_uri}: expected a VisA split CSV with columns {list(VISA_COLUMNS)}, "
             f"found columns {columns}"
         )
-    folder = posixpath.dirname(_full_uri(fs, path))
+    folder = posixpath.dirname(storage.normalise_uri(csv_uri))
     root = posixpath.dirname(folder) if posixpath.basename(folder) == "split_csv" else folder
     train: dict[str, list[str]] = {}
     tests: dict[str, list[TestItem]] = {}
-    for line, raw in enumerate(reader, start=2):
+    for line, raw in enumerate(reader, start=2):  # line 1 is the header
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         label = VISA_LABELS.get(row["label"].lower())
         split = row["split"].lower()
@@ -271,12 +283,8 @@ def read_visa(
 
 
 def uri_key(uri: str) -> str:
-    """Comparable form of a URI: local paths absolute and normalised, 'file://' dropped."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" not in uri:
-        return os.path.normpath(os.path.abspath(uri))
-    return uri
+    """Comparable form of a URI (`storage.normalise_uri`): what scored URIs are matched by."""
+    return storage.normalise_uri(uri)
 
 
 def match_test_items(
@@ -285,8 +293,10 @@ def match_test_items(
     """Pair each category's test items with scored `uris`: ({category: [(item, index)]}, skipped).
 
     By normalised URI, else by the longest unique common path suffix of 3 to 6 parts that names the
-    category folder (data scored from a copy elsewhere). Categories with no scored item are skipped; a partly scored category is
-    a ValueError naming missing images (with their error from `errors`, {uri_key: message}).
+    category folder (data scored from a copy elsewhere). index: position in `uris`. Categories
+    with no scored item are skipped; a partly scored category is a ValueError naming missing
+    images (with their error from `errors`, {uri_key: message}). ValueError too when a URI is
+    scored twice or no category has a scored item.
     """
     index: dict[str, int] = {}
     by_suffix: dict[str, list[int]] = {}
@@ -296,6 +306,8 @@ def match_test_items(
             raise ValueError(f"{uri} is scored twice; pass each image's results once")
         index[key] = i
         parts = key.split("/")
+        # 6 parts reach the category folder in both layouts: MVTec <category>/test/<defect>/<file>
+        # (4), VisA <object>/Data/Images/<Normal|Anomaly>/<file> (5)
         for depth in range(3, min(len(parts), 6) + 1):
             by_suffix.setdefault("/".join(parts[-depth:]), []).append(i)
 
@@ -304,7 +316,7 @@ def match_test_items(
         if key in index:
             return index[key]
         parts = key.split("/")
-        for depth in range(min(len(parts), 6), 2, -1):
+        for depth in range(min(len(parts), 6), 2, -1):  # longest (most specific) suffix first
             # The suffix must name the category folder: `test/good/000.png` alone would match
             # another category's image of the same name.
             if category not in parts[-depth:-1]:
@@ -339,19 +351,7 @@ def match_test_items(
 
 
 def read_mask(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Ground-truth mask file -> (H, W) bool, True where the pixel value is > 0."""
+    """Ground-truth mask file -> (H, W) bool, True where the pixel value is > 0 (any mode, read
+    as 8-bit grey); FileNotFoundError when the file is missing."""
     with Image.open(io.BytesIO(storage.read_bytes(uri, storage_options))) as image:
         return np.asarray(image.convert("L")) > 0
-
-
-def mask_to_crop(defect: np.ndarray, resize: int, crop: int, frame: str = "crop") -> np.ndarray:
-    """(H, W) bool mask -> (crop, crop) bool in the backbone's crop space, as the paper evaluates.
-
-    The image's centre-crop box (preprocess.crop_box, in input pixels) is resampled bilinearly to
-    crop x crop and thresholded at 0.5: the same geometry as the image fed to the backbone.
-    """
-    height, width = defect.shape
-    box = preprocess.crop_box(width, height, resize, crop, frame=frame)
-    image = Image.fromarray(defect.astype(np.float32), mode="F")
-    resampled = image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(resampled) >= 0.5

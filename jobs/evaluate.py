@@ -19,17 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs import datasets, report
-from jobs._cli import arg, config_dict, config_json, parse_config, parse_storage_options
+from jobs import datasets, logs, report
+from jobs.config import StorageFlags, arg, config_dict, config_json, parse_config
+from jobs.folders import map_uri, reuse_committed
 from patchcore_core import metrics, preprocess, storage
 
 log = logging.getLogger("jobs.evaluate")
 
-MAP_KINDS = ("raw", "png", "none")
+MAP_CHOICES = ("raw", "png", "none")  # which maps of a results folder the pixel metrics read
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(StorageFlags):
     """Evaluate scored results against a labelled dataset: image AUROC, pixel AUROC, PRO, thresholds."""
 
     results: str = arg("results folder of `patchcore score`; several (e.g. one per category) comma-separated")
@@ -40,14 +41,15 @@ class EvaluateConfig:
     num_bins: int = arg("score bins of the streaming pixel metrics (raw maps)", 2000)
     max_fpr: float = arg("PRO is integrated from FPR 0 to this value and normalised", 0.3)
     overlays: int = arg("worst nominal and worst defective images drawn per category", 2)
-    storage_options: str = arg("fsspec storage options as JSON (credentials never logged)", "")
     overwrite: bool = arg("replace a finished report in --out", False)
     dry_run: bool = arg("read manifests, dataset and scores, match them, then stop", False)
     log_level: str = arg("DEBUG, INFO, WARNING or ERROR", "INFO")
 
     def __post_init__(self) -> None:
-        if self.maps not in (*MAP_KINDS, "auto"):
-            raise ValueError(f"--maps must be one of auto, {', '.join(MAP_KINDS)}; got {self.maps!r}")
+        """ValueError for an unknown --maps, --num-bins < 16, --max-fpr outside (0, 1], negative
+        --overlays, no --results folder, or bad --storage-options."""
+        if self.maps not in (*MAP_CHOICES, "auto"):
+            raise ValueError(f"--maps must be one of auto, {', '.join(MAP_CHOICES)}; got {self.maps!r}")
         if self.num_bins < 16:
             raise ValueError(f"--num-bins must be >= 16, got {self.num_bins}")
         if not 0.0 < self.max_fpr <= 1.0:
@@ -56,7 +58,7 @@ class EvaluateConfig:
             raise ValueError(f"--overlays must be >= 0, got {self.overlays}")
         if not [r for r in self.results.split(",") if r.strip()]:
             raise ValueError("--results needs at least one results folder")
-        parse_storage_options(self.storage_options)
+        super().__post_init__()  # the storage options check
 
 
 # --------------------------------------------------------------------------- reading results
@@ -68,9 +70,10 @@ class ResultsFolder:
 
     uri: str
     maps: str  # "raw", "png" or "none"
+    # the bank's calibrated thresholds in score units; None when it was not calibrated
     image_threshold: float | None
     pixel_threshold: float | None
-    resize: int
+    resize: int  # ModelSpec's resize and crop (px): where raw maps lie in the input image
     crop: int
     frame: str  # "crop" or "full" (ModelSpec.frame): which part of each input the maps cover
 
@@ -82,33 +85,24 @@ class Scored:
     item: datasets.TestItem
     score: float
     anomalous: bool | None  # None when the bank has no image threshold
-    width: int
+    width: int  # input image size in px, as the score job decoded it
     height: int
     folder: ResultsFolder
     map_uri: str | None
 
 
-def _map_uri(folder: str, rel: str, kind: str) -> str:
-    """Where the score job put the `kind` map of the input it recorded as `rel` (jobs/score.py)."""
-    from jobs import score  # deferred: it imports Ray, which evaluate itself does not need
-
-    sub, suffix = score.MAP_KINDS[kind]
-    return storage.join_uri(folder, sub, rel + suffix)
-
-
-def _parquet_parts(folder: str, sub: str, options: dict[str, Any]) -> list[str]:
-    fs, path = storage.url_to_fs(storage.join_uri(folder, sub), options)
-    if not fs.isdir(path):
-        return []
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    parts = sorted(fs.glob(posixpath.join(path, "part-*.parquet")))
-    return [p if "file" in protocols else fs.unstrip_protocol(p) for p in parts]
-
-
 def read_results(
     folder: str, maps: str, options: dict[str, Any]
 ) -> tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]:
-    """(folder info, result rows, {uri: error}) of one committed results folder."""
+    """(folder info, result rows, {uri: error}) of one committed results folder.
+
+    maps: --maps; "auto" takes raw maps, else PNG maps, else none. Spec and thresholds come from
+    the results manifest, or from the bank manifest it names. Rows: uri, rel, score, anomalous,
+    width, height from scores/part-*.parquet, plus map_uri. The error dict (errors/part-*.parquet)
+    is keyed by datasets.uri_key, as match_test_items looks it up. FileNotFoundError when the
+    folder is not committed; ValueError when the manifest has neither the thresholds nor a bank
+    URI, the asked map kind was not written, or PNG maps come from a bank without a pixel threshold.
+    """
     manifest = storage.read_manifest(folder, "results", options)
     if all(k in manifest for k in ("spec", "image_threshold", "pixel_threshold")):
         source = manifest  # the score job copies the bank's spec and thresholds
@@ -141,14 +135,13 @@ def read_results(
         )
     rows: list[dict[str, Any]] = []
     columns = ["uri", "rel", "score", "anomalous", "width", "height"]
-    for part in _parquet_parts(folder, "scores", options):
-        table = storage.read_table(part, columns, options)
-        rows += table.to_pylist()
+    for part in storage.list_files(storage.join_uri(folder, "scores"), "part-*.parquet", options):
+        rows += storage.read_rows(part, columns, options)
     for row in rows:
-        row["map_uri"] = None if chosen == "none" else _map_uri(folder, row["rel"], chosen)
+        row["map_uri"] = None if chosen == "none" else map_uri(folder, row["rel"], chosen)
     errors: dict[str, str] = {}
-    for part in _parquet_parts(folder, "errors", options):
-        for row in storage.read_table(part, ["uri", "error"], options).to_pylist():
+    for part in storage.list_files(storage.join_uri(folder, "errors"), "part-*.parquet", options):
+        for row in storage.read_rows(part, ["uri", "error"], options):
             errors[datasets.uri_key(row["uri"])] = row["error"]
     return info, rows, errors
 
@@ -157,7 +150,12 @@ def match(
     categories: dict[str, datasets.Category],
     folders: Sequence[tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]],
 ) -> tuple[dict[str, list[Scored]], list[str]]:
-    """({category: its scored test items}, categories without scores); see datasets.match_test_items."""
+    """({category: its scored test items}, categories without scores); see datasets.match_test_items.
+
+    folders: `read_results` of each --results folder; their errors are merged to explain
+    unscored images. ValueError (from match_test_items) for a URI scored twice, a partly scored
+    category, or no match at all.
+    """
     rows = [(info, row) for info, folder_rows, _ in folders for row in folder_rows]
     errors = {k: v for _, _, errs in folders for k, v in errs.items()}
     matched, skipped = datasets.match_test_items(categories, [row["uri"] for _, row in rows], errors)
@@ -179,11 +177,13 @@ def load_map(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
 
     raw: (crop, crop), exactly as scored. png: (height, width); the 8-bit value v stands for
     v / 255 * 2 * pixel_threshold (the score job's documented scaling, saturating above that).
+    ValueError when the map's shape is not the one its kind and image call for.
     """
     assert entry.map_uri is not None
     data = storage.read_bytes(entry.map_uri, options)
     crop = entry.folder.crop
     if entry.folder.maps == "raw":
+        # stored float16 by the score job; allow_pickle=False: a results folder is data, not code
         amap = np.load(io.BytesIO(data), allow_pickle=False)
         if amap.shape != (crop, crop):
             raise ValueError(f"{entry.map_uri}: raw map of shape {amap.shape}, expected ({crop}, {crop})")
@@ -199,8 +199,9 @@ def load_map(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
 
 
 def load_mask(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
-    """Ground truth (bool) in the map's space: crop space for raw maps (datasets.mask_to_crop),
-    else the input resolution."""
+    """Ground truth (bool) in the map's space: crop space for raw maps (preprocess.mask_to_crop),
+    else the input resolution. All False for nominal images (they have no mask file).
+    ValueError when the mask's size differs from its image's."""
     folder = entry.folder
     if entry.item.mask_uri is None:
         size = (folder.crop, folder.crop) if folder.maps == "raw" else (entry.height, entry.width)
@@ -213,49 +214,41 @@ def load_mask(entry: Scored, options: dict[str, Any]) -> torch.Tensor:
         )
     if folder.maps != "raw":
         return torch.from_numpy(defect)
-    return torch.from_numpy(datasets.mask_to_crop(defect, folder.resize, folder.crop, folder.frame))
+    return torch.from_numpy(preprocess.mask_to_crop(defect, folder.resize, folder.crop, folder.frame))
 
 
 def _value_range(entries: Sequence[Scored], options: dict[str, Any]) -> tuple[float, float]:
     """(low, high) over all maps of a category: the histogram range (first of two passes)."""
     folder = entries[0].folder
-    if folder.maps == "png":
+    if folder.maps == "png":  # 8-bit levels span this range by construction: no pass needed
         return 0.0, 2.0 * float(folder.pixel_threshold)  # type: ignore[arg-type]
     low, high = float("inf"), float("-inf")
     for entry in entries:
         amap = load_map(entry, options)
         low, high = min(low, float(amap.min())), max(high, float(amap.max()))
-    return (low, high) if high > low else (low, low + 1.0)
+    return (low, high) if high > low else (low, low + 1.0)  # constant maps: bins need low < high
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def _counts(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    tp = int((predicted & labels).sum())
-    fp = int((predicted & ~labels).sum())
-    fn = int((~predicted & labels).sum())
-    return {"false_positives": fp, "false_negatives": fn, "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
-
-
-def _pixel_f1_optimal(curves: metrics.PixelCurves) -> dict[str, Any]:
-    """Best pixel F1 over the histogram's bin edges ("bin >= i" predicts defect)."""
-    tp = np.cumsum(curves.positives.numpy()[::-1])[::-1]  # (n,) defect pixels in bins >= i
-    fp = np.cumsum(curves.negatives.numpy()[::-1])[::-1]
-    positives = tp[0]
-    f1 = 2 * tp / np.maximum(1, 2 * tp + fp + (positives - tp))
-    best = int(np.argmax(f1))
-    return {
-        "threshold": float(curves.edges()[best]),
-        "f1": float(f1[best]),
-        "false_positives": int(fp[best]),
-        "false_negatives": int(positives - tp[best]),
-    }
+def _counts(predicted: np.ndarray, defective: np.ndarray) -> dict[str, Any]:
+    """false_positives, false_negatives and f1 of boolean predictions against the labels."""
+    counts = metrics.confusion_counts(predicted, defective)
+    f1 = metrics.f1_score(counts["true_positives"], counts["false_positives"], counts["false_negatives"])
+    return {"false_positives": counts["false_positives"],
+            "false_negatives": counts["false_negatives"], "f1": f1}
 
 
 def image_metrics(name: str, entries: Sequence[Scored]) -> tuple[dict[str, Any], dict[str, report.Curve]]:
-    """Image AUROC, F1-optimal and calibrated thresholds with FP/FN counts; plus ROC/PR curves."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
+    """Image AUROC, F1-optimal and calibrated thresholds with FP/FN counts; plus ROC/PR curves.
+
+    Returns ({num_images, num_defective, image_auroc, f1_optimal, calibrated}, {"image_roc",
+    "image_pr"}); f1_optimal and calibrated hold threshold, f1, false_positives and
+    false_negatives. Calibrated counts are None for an uncalibrated bank; its threshold is None
+    when the entries come from banks with different thresholds.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve  # deferred: slow to import
 
     scores = torch.tensor([e.score for e in entries], dtype=torch.float64)
     labels = torch.tensor([e.item.label for e in entries], dtype=torch.int64)
@@ -277,6 +270,7 @@ def image_metrics(name: str, entries: Sequence[Scored]) -> tuple[dict[str, Any],
     }
     fpr, tpr, _ = roc_curve(defective, scores.numpy())
     precision, recall, _ = precision_recall_curve(defective, scores.numpy())
+    # (recall, precision) at the F1-optimal threshold, marked on the PR plot
     true_pos = int(labels.sum()) - best["false_negatives"]
     point = (true_pos / int(labels.sum()), true_pos / max(1, true_pos + best["false_positives"]))
     curves = {
@@ -289,7 +283,12 @@ def image_metrics(name: str, entries: Sequence[Scored]) -> tuple[dict[str, Any],
 def pixel_metrics(
     name: str, entries: Sequence[Scored], config: EvaluateConfig, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, report.Curve]]:
-    """Pixel AUROC, PRO, pixel F1 and calibrated-threshold counts, streaming one map at a time."""
+    """Pixel AUROC, PRO, pixel F1 and calibrated-threshold counts, streaming one map at a time.
+
+    Raw maps are read twice (value range, then histograms); only one map and mask are in memory
+    at a time. ValueError when the category's folders differ in map geometry or a map and its
+    mask differ in shape. All pixel metrics None (logged) when no defect pixel is in the maps.
+    """
     # one histogram range per category: its maps must share kind, geometry and (PNG) scale
     geometry = {(e.folder.maps, e.folder.crop, e.folder.resize, e.folder.frame,
                  e.folder.pixel_threshold if e.folder.maps == "png" else None) for e in entries}
@@ -301,17 +300,16 @@ def pixel_metrics(
     low, high = _value_range(entries, options)
     num_bins = 256 if entries[0].folder.maps == "png" else config.num_bins  # PNG: one bin per level
     curves = metrics.new_pixel_curves(low, high, num_bins)
-    tp = fp = fn = 0
+    calibrated = {"true_positives": 0, "false_positives": 0, "false_negatives": 0}
     for entry in entries:
         amap, mask = load_map(entry, options), load_mask(entry, options)
         if amap.shape != mask.shape:
             raise ValueError(f"{entry.item.uri}: map {tuple(amap.shape)} vs mask {tuple(mask.shape)}")
         metrics.update_pixel_curves(curves, amap, mask)
         if entry.folder.pixel_threshold is not None:
-            flagged = amap > entry.folder.pixel_threshold
-            tp += int((flagged & mask).sum())
-            fp += int((flagged & ~mask).sum())
-            fn += int((~flagged & mask).sum())
+            # `>`: the score job's masks/ flag the pixels above the pixel threshold
+            counts = metrics.confusion_counts(amap > entry.folder.pixel_threshold, mask)
+            calibrated = {k: calibrated[k] + counts[k] for k in calibrated}
     if curves.num_regions == 0:  # e.g. every defect lies outside the centre crop
         log.warning("category %s: no defect pixels in the evaluated maps; no pixel metrics", name)
         return {"pixel_auroc": None, "pro": None, "num_regions": 0, "pixel": None}, {}
@@ -321,12 +319,13 @@ def pixel_metrics(
         "pro": metrics.pro_auc(curves, config.max_fpr),
         "num_regions": curves.num_regions,
         "pixel": {
-            "f1_optimal": _pixel_f1_optimal(curves),
+            "f1_optimal": metrics.pixel_f1_optimal(curves),
             "calibrated": {
                 "threshold": pixel_thresholds.pop() if len(pixel_thresholds) == 1 else None,
-                "false_positives": fp,
-                "false_negatives": fn,
-                "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+                "false_positives": calibrated["false_positives"],
+                "false_negatives": calibrated["false_negatives"],
+                "f1": metrics.f1_score(calibrated["true_positives"], calibrated["false_positives"],
+                                       calibrated["false_negatives"]),
             },
             "histogram": {"low": low, "high": high, "num_bins": num_bins},
         },
@@ -341,7 +340,10 @@ def pixel_metrics(
 def evaluate_category(
     name: str, entries: Sequence[Scored], config: EvaluateConfig, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, report.Curve]]:
-    """(metrics, curves for the plots) of one category; pixel metrics None without maps."""
+    """(metrics, curves for the plots) of one category; pixel metrics None without maps.
+
+    metrics: `image_metrics`'s and `pixel_metrics`'s keys, plus "maps" (the map kind used).
+    """
     out, curves = image_metrics(name, entries)
     maps = entries[0].folder.maps
     if maps == "none":
@@ -353,6 +355,7 @@ def evaluate_category(
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None; None when none is."""
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
 
@@ -361,7 +364,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _overlay(entry: Scored, kind: str, rank: int, options: dict[str, Any]) -> bytes:
-    """PNG of one worst case, drawn in the space the metrics used."""
+    """PNG of one worst case, drawn in the space the metrics used.
+
+    raw maps: the input resized and cropped as the backbone saw it (crop x crop px); png maps:
+    input resolution; none: image and ground truth only. Colour scale [0, 2 x pixel threshold]
+    as the PNG maps use, else up to the map's maximum. kind: "nominal" | "defective", rank from 1.
+    """
     image = preprocess.decode_image(storage.read_bytes(entry.item.uri, options))
     folder = entry.folder
     amap = None if folder.maps == "none" else load_map(entry, options).numpy()
@@ -385,6 +393,8 @@ def _overlay(entry: Scored, kind: str, rank: int, options: dict[str, Any]) -> by
 
 
 def _worst(entries: Sequence[Scored], count: int) -> list[tuple[str, int, Scored]]:
+    """(kind, rank from 1, entry) of the `count` highest-scoring nominal and lowest-scoring
+    defective entries: the likeliest false positives and false negatives."""
     nominal = sorted((e for e in entries if e.item.label == 0), key=lambda e: -e.score)[:count]
     defective = sorted((e for e in entries if e.item.label == 1), key=lambda e: e.score)[:count]
     return [("nominal", i + 1, e) for i, e in enumerate(nominal)] + [
@@ -396,11 +406,14 @@ def _worst(entries: Sequence[Scored], count: int) -> list[tuple[str, int, Scored
 
 
 def run(config: EvaluateConfig) -> dict[str, Any] | None:
-    """Evaluate and write the report; returns the metrics (None for a dry run or a no-op rerun)."""
-    options = parse_storage_options(config.storage_options)
-    if storage.is_committed(config.out, options) and not config.overwrite:
-        storage.read_manifest(config.out, "report", options)  # refuses another artifact kind
-        log.info("report %s is already complete; nothing to do (pass --overwrite to redo it)", config.out)
+    """Evaluate and write the report; returns the metrics (None for a dry run or a no-op rerun).
+
+    Writes into --out overlays/<category>/<kind>_<rank>.png, roc.png, pr.png, metrics.json,
+    report.md and last manifest.json, the commit (DESIGN.md §4). ValueError or
+    FileNotFoundError for a bad dataset, an uncommitted results folder, or unmatched results.
+    """
+    options = config.options
+    if reuse_committed(config.out, "report", options, overwrite=config.overwrite) is not None:
         return None
     categories = datasets.load_dataset(config.dataset, options, require_train=False)
     folders = [read_results(r.strip(), config.maps, options) for r in config.results.split(",") if r.strip()]
@@ -411,7 +424,7 @@ def run(config: EvaluateConfig) -> dict[str, Any] | None:
     )
     if config.dry_run:
         return None
-    if config.overwrite:
+    if config.overwrite:  # un-commit first: a crash midway must not leave the old manifest
         storage.remove(storage.join_uri(config.out, storage.MANIFEST_NAME), options)
 
     per_category, plots, overlays = {}, {}, []
@@ -442,7 +455,7 @@ def run(config: EvaluateConfig) -> dict[str, Any] | None:
         storage.write_bytes(storage.join_uri(config.out, path), data, options)
     text = json.dumps(result, indent=2, sort_keys=False, allow_nan=False)
     storage.write_bytes(storage.join_uri(config.out, "metrics.json"), text.encode(), options)
-    markdown = report.markdown(result, {"ROC curves": "roc.png", "Precision-recall curves": "pr.png"},
+    markdown = report.report_markdown(result, {"ROC curves": "roc.png", "Precision-recall curves": "pr.png"},
                                overlays)
     storage.write_bytes(storage.join_uri(config.out, "report.md"), markdown.encode(), options)
     manifest = {
@@ -459,10 +472,9 @@ def run(config: EvaluateConfig) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`patchcore evaluate [flags]`: parse the flags (errors exit 2), log the config, run."""
     config = parse_config(EvaluateConfig, argv, prog="patchcore evaluate")
-    from jobs._ray import setup_logging  # logging helper shared by the jobs
-
-    setup_logging(config.log_level)
+    logs.setup_logging(config.log_level)
     log.info("config %s", config_json(config))
     run(config)
 

@@ -3,13 +3,14 @@
 The sorted training list is split deterministically: every round(1 / calibration_fraction)-th
 image is held out for calibration (capped). The rest go through `extract_images` into a feature
 store, `jobs.coreset` selects the bank, and the held-out nominal images are scored with the new
-bank by the score job's actor; image and pixel thresholds are the `scoring.threshold_for_fpr`
-quantiles of their scores and map pixels, as `model.fit(..., calibration_images=...)` computes them.
+bank by the score job's stage (`score.score_shards`); image and pixel thresholds are the
+`scoring.threshold_for_fpr` quantiles of their scores and map pixels, as
+`model.fit(..., calibration_images=...)` computes them. Only the bank's manifest is rewritten
+with the thresholds; its features stay as the coreset step wrote them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,21 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs import _cli, _ray
+from jobs import cluster, extract, logs, score
 from jobs import coreset as coreset_job
-from jobs._shards import (
-    OutputFolder,
+from jobs.config import (
+    ActorFlags,
+    CoresetFlags,
+    ModelFlags,
     PipelineFlags,
-    check_pipeline_flags,
-    failed,
-    inputs_digest,
-    make_shards,
-    resolve_device,
-    stream_shards,
+    RunFlags,
+    arg,
+    config_dict,
+    config_json,
+    fields_of,
+    parse_config,
 )
-from jobs.extract import ModelFlags, check_model_flags, extract_images
-from jobs.score import ScoreActor
+from jobs.folders import OutputFolder, failed, inputs_digest, make_shards, reuse_committed
 from patchcore_core import scoring, storage
+from patchcore_core.spec import ModelSpec
 
 log = logging.getLogger("jobs.fit")
 
@@ -41,21 +44,17 @@ FEATURES_DIR = "_features"
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitConfig(PipelineFlags, ModelFlags):
+class FitConfig(PipelineFlags, ModelFlags, CoresetFlags):
     """Fit a PatchCore bank from nominal images: extract features, select a coreset, calibrate."""
 
-    train: str = _cli.arg("nominal images: folder/prefix, glob, or .txt/.csv/.parquet manifest")
-    out: str = _cli.arg("bank folder/URI to write (manifest.json last)")
-    features_out: str = _cli.arg("feature store folder/URI; '' = <out>/_features", "")
-    ratio: float | None = _cli.arg("fraction of all patches to keep; 0.1 if no --size", None)
-    size: int | None = _cli.arg("number of patches to keep, instead of --ratio", None)
-    projection_dim: int = _cli.arg("width of the coreset's seeded Gaussian random projection", 128)
-    seed: int = _cli.arg("seed of the projection and of the first selected patch", 0)
-    calibration_fraction: float = _cli.arg(
+    train: str = arg("nominal images: folder/prefix, glob, or .txt/.csv/.parquet manifest")
+    out: str = arg("bank folder/URI to write (manifest.json last)")
+    features_out: str = arg("feature store folder/URI; '' = <out>/_features", "")
+    calibration_fraction: float = arg(
         "share of the training images held out to calibrate thresholds (every round(1/f)-th); "
         "0 = no thresholds", 0.1)
-    max_calibration_images: int = _cli.arg("cap on held-out calibration images", 200)
-    target_fpr: float = _cli.arg("false-positive rate of the thresholds on nominal images", 0.01)
+    max_calibration_images: int = arg("cap on held-out calibration images", 200)
+    target_fpr: float = arg("false-positive rate of the thresholds on nominal images", 0.01)
 
     def __post_init__(self) -> None:
         if not self.train or not self.out:
@@ -66,20 +65,17 @@ class FitConfig(PipelineFlags, ModelFlags):
             raise ValueError(f"--max-calibration-images must be >= 1, got {self.max_calibration_images}")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"--target-fpr must be in [0, 1), got {self.target_fpr}")
-        check_model_flags(self)
-        check_pipeline_flags(self)
-        self.coreset_config()  # --ratio/--size/--projection-dim checks live there
+        super().__post_init__()  # the model, pipeline and coreset flag checks
 
     @property
     def features_uri(self) -> str:
         return self.features_out or storage.join_uri(self.out, FEATURES_DIR)
 
     def coreset_config(self) -> coreset_job.CoresetConfig:
+        """The coreset step's config: this fit's actor, run and coreset flags."""
         return coreset_job.CoresetConfig(
-            features=self.features_uri, out=self.out, ratio=self.ratio, size=self.size,
-            projection_dim=self.projection_dim, seed=self.seed, workers=self.workers,
-            cpus_per_worker=self.cpus_per_worker, device=self.device, retries=self.retries,
-            overwrite=self.overwrite, dry_run=self.dry_run, storage_options=self.storage_options,
+            **fields_of(self, ActorFlags, RunFlags, CoresetFlags), features=self.features_uri,
+            out=self.out, retries=self.retries,
         )
 
 
@@ -97,21 +93,16 @@ def split_calibration(uris: Sequence[str], fraction: float, cap: int) -> tuple[l
     return [u for i, u in enumerate(uris) if i not in held_set], [uris[i] for i in held]
 
 
-def calibrate(cfg: FitConfig, uris: Sequence[str], device: str) -> tuple[np.ndarray, np.ndarray, int]:
+def calibrate(cfg: FitConfig, spec: ModelSpec, uris: Sequence[str], device: str
+              ) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores (n,) and maps (n, crop, crop) of the readable calibration images, and the error count.
 
-    Same actor and code path as `patchcore score`, writing no files.
+    The score job's stage (`score.score_shards`) with the new bank, writing no files.
     """
-    options = _cli.parse_storage_options(cfg.storage_options)
-    manifest = storage.read_manifest(cfg.out, "bank", options)
-    spec = manifest["spec"]
-    kwargs = {"bank": cfg.out, "device": device, "out": None, "maps": False, "raw_maps": False,
-              "return_maps": True, "storage_options": options}
     scores, maps, errors = [], [], 0
     for _, columns in sorted(
-        stream_shards(make_shards(uris, cfg.shard_size), ScoreActor, kwargs, cfg, device=device,
-                      resize=spec["resize"], crop=spec["crop"],
-                      frame=spec.get("frame", "crop"), label="calibrate"),
+        score.score_shards(cfg.out, spec, make_shards(uris, cfg.shard_size), cfg, device,
+                           return_maps=True, label="calibrate"),
         key=lambda item: item[0].index,
     ):
         ok = columns["error"] == ""
@@ -125,8 +116,8 @@ def calibrate(cfg: FitConfig, uris: Sequence[str], device: str) -> tuple[np.ndar
 
 def run(cfg: FitConfig) -> int:
     """The job; returns the exit status (2 when more inputs failed than --max-failures)."""
-    log.info("config %s", _cli.config_json(cfg))
-    options = _cli.parse_storage_options(cfg.storage_options)
+    log.info("config %s", config_json(cfg))
+    options = cfg.options
     spec = cfg.model_spec()
     uris = storage.list_images(cfg.train, options)
     train, held_out = split_calibration(uris, cfg.calibration_fraction, cfg.max_calibration_images)
@@ -135,39 +126,37 @@ def run(cfg: FitConfig) -> int:
                 "ratio": cfg.ratio, "size": cfg.size, "projection_dim": cfg.projection_dim,
                 "seed": cfg.seed, "calibration_fraction": cfg.calibration_fraction,
                 "max_calibration_images": cfg.max_calibration_images, "target_fpr": cfg.target_fpr}
-    if storage.is_committed(cfg.out, options) and not cfg.overwrite:
-        saved = storage.read_manifest(cfg.out, "bank", options)["info"].get("fit")
-        if saved is not None and saved["identity"] == identity:
-            log.info("bank %s is already fitted; nothing to do (--overwrite refits it)", cfg.out)
-            return saved["status"]
-        if saved is not None:
-            changed = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
-            raise ValueError(f"bank {cfg.out} was fitted with other inputs or settings (differing: "
-                             f"{changed}); pass --overwrite to refit it, or choose another --out")
-        # committed by the coreset step of an interrupted fit: only calibration is left
+    # a bank committed by the coreset step of an interrupted fit has no fit record: calibrate it
+    done = reuse_committed(cfg.out, "bank", options, overwrite=cfg.overwrite, identity=identity,
+                           saved_identity=lambda m: (m["info"].get("fit") or {}).get("identity"))
+    if done is not None:
+        return done["info"]["fit"]["status"]
     log.info("fit: %d images, %d to build the bank, %d held out for calibration",
              len(uris), len(train), len(held_out))
     if cfg.dry_run:
-        extract_images(train, cfg.features_uri, spec, cfg, feature_dtype=cfg.feature_dtype,
-                       inputs=cfg.train, config=_cli.config_dict(cfg))  # logs the plan only
+        extract.extract_images(train, cfg.features_uri, spec, cfg, feature_dtype=cfg.feature_dtype,
+                               inputs=cfg.train, config=config_dict(cfg))  # logs the plan only
         return 0
     # One fit per --out at a time; the feature store has its own lock (extract_images).
     with OutputFolder(cfg.out, options).locked() as folder:
-        with _ray.ray_session():
-            store = extract_images(train, cfg.features_uri, spec, cfg,
-                                   feature_dtype=cfg.feature_dtype, inputs=cfg.train,
-                                   config=_cli.config_dict(cfg))
+        with cluster.ray_session():
+            store = extract.extract_images(train, cfg.features_uri, spec, cfg,
+                                           feature_dtype=cfg.feature_dtype, inputs=cfg.train,
+                                           config=config_dict(cfg))
             assert store is not None
             if failed(store["counts"], cfg.max_failures, "extracted"):
                 log.error("no bank built; raise --max-failures to build it without those images")
                 return 2
             coreset_job.run(cfg.coreset_config())
-            bank = storage.load_bank(cfg.out, spec, options)
+            bank = storage.read_manifest(cfg.out, "bank", options)
+            if ModelSpec.from_json(bank["spec"]) != spec:
+                raise ValueError(f"bank {cfg.out} holds another model spec than this fit's; pass "
+                                 "--overwrite to refit it, or choose another --out")
             calibration: dict[str, Any] = {"images": len(held_out), "errors": 0,
                                            "target_fpr": cfg.target_fpr}
             thresholds: dict[str, float | None] = {"image_threshold": None, "pixel_threshold": None}
             if held_out:
-                scores, maps, errors = calibrate(cfg, held_out, resolve_device(cfg.device))
+                scores, maps, errors = calibrate(cfg, spec, held_out, cluster.resolve_device(cfg.device))
                 calibration["errors"] = errors
                 if len(scores) == 0:
                     raise ValueError(f"none of the {len(held_out)} calibration images could be read; "
@@ -179,20 +168,22 @@ def run(cfg: FitConfig) -> int:
                 }
         errors = store["counts"]["errors"] + calibration["errors"]
         status = 2 if failed({"errors": errors, "inputs": len(uris)}, cfg.max_failures, "used") else 0
-        fit_info = {"identity": identity, "status": status, "config": _cli.config_dict(cfg),
+        fit_info = {"identity": identity, "status": status, "config": config_dict(cfg),
                     "train_images": len(train), "extract_errors": store["counts"]["errors"],
                     "calibration": calibration}
-        bank = dataclasses.replace(bank, **thresholds, info={**bank.info, "fit": fit_info})
         folder.verify_lock()  # only the run holding --out commits it
-        storage.save_bank(cfg.out, bank, options)  # re-publishes the manifest last, with thresholds
+        # the coreset step wrote features and provenance; only the manifest gains the thresholds
+        bank = storage.update_bank_manifest(
+            cfg.out, {**thresholds, "info": {**bank["info"], "fit": fit_info}}, options)
         log.info("bank %s committed: %d entries, image threshold %s, pixel threshold %s",
-                 cfg.out, bank.size, thresholds["image_threshold"], thresholds["pixel_threshold"])
+                 cfg.out, bank["counts"]["num_entries"], thresholds["image_threshold"],
+                 thresholds["pixel_threshold"])
         return status
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    _ray.setup_logging()
-    status = run(_cli.parse_config(FitConfig, argv, prog="patchcore fit"))
+    logs.setup_logging()
+    status = run(parse_config(FitConfig, argv, prog="patchcore fit"))
     if status:
         sys.exit(status)
 

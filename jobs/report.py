@@ -1,7 +1,8 @@
 """Figures and Markdown of the evaluation report (DESIGN.md §4 "Report"): ROC/PR curves, overlays.
 
 Pure rendering: arrays and metric dicts in, PNG bytes and Markdown text out. Uses matplotlib's
-object API on the Agg canvas (no pyplot, no global backend state).
+object API on the Agg canvas (no pyplot, no global backend state). Must not read or write files
+or compute metrics: jobs.evaluate and patchcore_core.metrics do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Curve:
-    """One line of a curve plot: x, y (n,) float arrays, a legend label, an optional marked point."""
+    """One line of a curve plot: x, y (n,) float arrays, a legend label, an optional marked point.
+
+    x and y are rates in [0, 1]; point: an (x, y) drawn as a dot (the best-F1 point of a PR curve).
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -29,6 +33,7 @@ def _thin(x: np.ndarray, y: np.ndarray, points: int = 400) -> tuple[np.ndarray, 
     """At most `points` samples of a curve (plots of 2000-bin histograms stay small)."""
     if len(x) <= points:
         return x, y
+    # evenly spaced indices, both ends included, so a thinned curve starts and ends as before
     keep = np.unique(np.linspace(0, len(x) - 1, points).round().astype(int))
     return x[keep], y[keep]
 
@@ -39,25 +44,31 @@ def histogram_curves(
     """Pixel ROC and PR curves from binned counts (n,) of nominal and defect pixels per score bin.
 
     Threshold i flags bins >= i; points run from the highest threshold to the lowest.
+    Returns (ROC: x FPR, y TPR; PR: x recall, y precision), each thinned to at most 400 points.
     """
+    # cumulative counts from the top bin down; the leading 0 is "flag nothing", point (0, 0)
     false_pos = np.concatenate([[0], np.cumsum(negatives[::-1])]).astype(np.float64)
     true_pos = np.concatenate([[0], np.cumsum(positives[::-1])]).astype(np.float64)
     fpr, tpr = false_pos / max(1.0, false_pos[-1]), true_pos / max(1.0, true_pos[-1])
+    # precision is undefined while nothing is flagged; 1 there, as sklearn's PR curve ends
     precision = np.where(true_pos > 0, true_pos / np.maximum(1.0, true_pos + false_pos), 1.0)
     return Curve(*_thin(fpr, tpr), roc_label), Curve(*_thin(tpr, precision), pr_label)
 
 
 def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure of width x height inches at 110 dpi, drawn on its own Agg canvas."""
     # deferred import: matplotlib is only needed when a report is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    # constrained layout: titles, legends and colour bars do not overlap the axes
     figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
+    FigureCanvasAgg(figure)  # attaches itself: savefig renders without pyplot's global backend
     return figure
 
 
 def _png(figure: Any) -> bytes:
+    """The figure rendered as PNG bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -68,7 +79,8 @@ def curves_png(
 ) -> bytes:
     """Side-by-side line plots; panels: (title, x label, y label, curves). PNG bytes.
 
-    diagonal: draw the chance line y = x (ROC plots).
+    diagonal: draw the chance line y = x (ROC plots). A panel without curves says "not
+    available" (pixel plots when no category has maps).
     """
     figure = _figure(5.2 * len(panels), 4.8)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
@@ -79,9 +91,10 @@ def curves_png(
                 ax.plot(*curve.point, marker="o", markersize=6, color=line.get_color())
         if diagonal:
             ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
+        # limits just past [0, 1]: lines along an edge (TPR = 1, precision = 1) stay visible
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.02))
         ax.grid(alpha=0.3)
-        if curves:
+        if curves:  # the legend goes to the corner that ROC (or PR) curves usually leave empty
             ax.legend(loc="lower right" if diagonal else "lower left", fontsize=9)
         else:
             ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
@@ -92,6 +105,7 @@ def curve_pngs(plots: dict[str, dict[str, Curve]]) -> dict[str, bytes]:
     """roc.png and pr.png (image level left, pixel level right) from each category's curves.
 
     plots: {category: {"image_roc", "image_pr" and, with maps, "pixel_roc", "pixel_pr": Curve}}.
+    One line per category in each panel; a category without maps is missing from the pixel panels.
     """
     def lines(key: str) -> list[Curve]:
         return [p[key] for p in plots.values() if key in p]
@@ -122,6 +136,7 @@ def overlay_png(
 
     image: (H, W, 3) uint8; amap: (H, W) anomaly scores or None; mask: (H, W) bool ground truth.
     The colour scale is [0, vmax] in score units; `threshold` (pixel) is drawn as a white contour.
+    Returns PNG bytes of a 12 x 4.6 inch figure at 110 dpi, `title` above the panels.
     """
     figure = _figure(12.0, 4.6)
     axes = figure.subplots(1, 3)
@@ -136,24 +151,27 @@ def overlay_png(
         heat = axes[2].imshow(amap, cmap="jet", vmin=0.0, vmax=vmax)
         thr = "" if threshold is None else f", white = pixel threshold {threshold:.3g}"
         axes[2].set_title(f"anomaly map{thr}", fontsize=9)
+        # a contour level outside the map's range draws nothing and makes Matplotlib warn
         if threshold is not None and float(amap.min()) < threshold < float(amap.max()):
             for ax in axes[1:]:
                 ax.contour(amap, levels=[threshold], colors="white", linewidths=0.9)
     else:
         for ax in axes[1:]:
             ax.text(0.5, 0.5, "no anomaly map", ha="center", va="center", transform=ax.transAxes)
-    if mask.any():
+    if mask.any():  # on the heatmap panels too, so that missed defects show against the map
         for ax in axes if amap is not None else axes[:1]:
             ax.contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=1.2)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     if heat is not None:
+        # fraction 0.046: the usual value that makes the bar about as tall as a square image
         figure.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label="score")
     return _png(figure)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: '–' for None or NaN, floats to `digits` decimals, anything else as str()."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
@@ -161,10 +179,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(metrics: dict[str, Any], figures: dict[str, str], overlays: Sequence[tuple[str, str]]) -> str:
+def report_markdown(metrics: dict[str, Any], figures: dict[str, str], overlays: Sequence[tuple[str, str]]) -> str:
     """report.md text from metrics.json's content.
 
     figures: {caption: relative PNG path}; overlays: (caption, relative PNG path) pairs.
+    Sections: headline means, per category, image thresholds, pixel thresholds (when any
+    category has pixel metrics), skipped categories, curves, worst cases (when overlays).
+    KeyError when `metrics` lacks a key that evaluate.run writes.
     """
     cats = metrics["categories"]
     lines = [

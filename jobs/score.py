@@ -1,9 +1,10 @@
 """`patchcore score`: image scores, anomaly maps and masks for many images (paper §3.3, DESIGN.md §4).
 
-Ray Data: a CPU stage decodes, an actor pool holds backbone + bank + exact kNN index and calls the
-single-process reference `model.predict`. Actors write the per-image files; the driver writes the
+Ray Data: a CPU stage decodes, an actor pool holds backbone + bank + kNN index (`--knn`; the engine
+each actor runs, and for approximate indexes recall@1 on its first scored patches, go into the
+manifest's `knn`) and calls the single-process reference `model.predict`. Actors write the per-image files; the driver writes the
 small per-shard tables. Outputs, with <rel> = the input's path below the input root, sanitised
-(`_shards.relative_key`), so `maps/good/000.png.png` is the map of `<root>/good/000.png`:
+(`folders.relative_key`), so `maps/good/000.png.png` is the map of `<root>/good/000.png`:
 
 - scores/part-NNNNN.parquet: uri, rel, score (float64, Eq. 7), anomalous (score > the bank's
   image threshold; null when the bank has none), max_y, max_x (the crop-space maximum of the map,
@@ -19,73 +20,56 @@ small per-shard tables. Outputs, with <rel> = the input's path below the input r
 from __future__ import annotations
 
 import io
+import json
 import logging
-import math
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
-from PIL import Image
 
-from jobs import _cli, _ray
-from jobs._shards import (
+from jobs import cluster, logs
+from jobs.config import KnnFlags, PipelineFlags, arg, config_dict, config_json, parse_config
+from jobs.folders import (
+    RESULT_DIRS,
     OutputFolder,
-    PipelineFlags,
     Shard,
-    check_pipeline_flags,
+    errors_file,
     failed,
     input_root,
     inputs_digest,
     make_shards,
+    map_uri,
     relative_key,
-    resolve_device,
-    stream_shards,
+    reuse_committed,
+    scores_file,
 )
-from patchcore_core import model, preprocess, storage
+from jobs.pipeline import stream_shards
+from patchcore_core import knn, model, preprocess, storage
 from patchcore_core.spec import ModelSpec
 
 log = logging.getLogger("jobs.score")
 
-# kind -> (subfolder, suffix appended to <rel>)
-MAP_KINDS = {"png": ("maps", ".png"), "mask": ("masks", ".png"), "raw": ("maps_raw", ".npy")}
-DATA_DIRS = ("scores", "errors", "maps", "masks", "maps_raw")
+RECALL_IMAGES = 4  # images of an actor's first batch whose patches sample the recall@1 queries
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(PipelineFlags):
+class ScoreConfig(KnnFlags, PipelineFlags):
     """Score images with a PatchCore bank: scores, anomaly maps and masks (PatchCore §3.3)."""
 
-    bank: str = _cli.arg("bank folder/URI written by `patchcore fit` or `patchcore coreset`")
-    images: str = _cli.arg("images: folder/prefix, glob, or .txt/.csv/.parquet manifest of URIs")
-    out: str = _cli.arg("results folder/URI to write (manifest.json last)")
-    maps: bool = _cli.arg("write maps/<rel>.png (8-bit) and masks/<rel>.png", True)
-    raw_maps: bool = _cli.arg("also write maps_raw/<rel>.npy float16 crop-space maps (exact evaluation)",
-                              False)
+    bank: str = arg("bank folder/URI written by `patchcore fit` or `patchcore coreset`")
+    images: str = arg("images: folder/prefix, glob, or .txt/.csv/.parquet manifest of URIs")
+    out: str = arg("results folder/URI to write (manifest.json last)")
+    maps: bool = arg("write maps/<rel>.png (8-bit) and masks/<rel>.png", True)
+    raw_maps: bool = arg("also write maps_raw/<rel>.npy float16 crop-space maps (exact evaluation)",
+                         False)
 
     def __post_init__(self) -> None:
         if not self.bank or not self.images or not self.out:
             raise ValueError("--bank, --images and --out must be non-empty paths or URIs")
-        check_pipeline_flags(self)
-
-
-def map_uri(folder: str, manifest: dict[str, Any], uri: str, kind: str) -> str:
-    """Where a results folder keeps the `kind` ("png", "mask" or "raw") map of input `uri`."""
-    if kind not in MAP_KINDS:
-        raise ValueError(f"map kind must be one of {sorted(MAP_KINDS)}, got {kind!r}")
-    sub, suffix = MAP_KINDS[kind]
-    return storage.join_uri(folder, sub, relative_key(uri, manifest["input_root"]) + suffix)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    """(H, W) uint8 -> PNG bytes (8-bit gray)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
+        super().__post_init__()  # the pipeline flag checks
 
 
 def heatmap_pixels(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
@@ -94,46 +78,67 @@ def heatmap_pixels(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
     return scaled.round().to(torch.uint8).numpy()
 
 
-def input_pixel(index: int, low: float, high: float, crop: int, size: int) -> int:
-    """Input-pixel index holding the centre of crop pixel `index` (the crop spans [low, high) in
-    input pixels), kept among the pixels that `preprocess.uncrop_map` covers (centre in the box)."""
-    centre = low + (index + 0.5) * (high - low) / crop
-    first, last = math.ceil(low - 0.5), math.ceil(high - 0.5) - 1
-    return min(max(int(math.floor(centre)), first, 0), last, size - 1)
-
-
 class ScoreActor:
     """Ray actor: backbone, bank and kNN index loaded once; batches go through `model.predict`.
 
     out: results folder whose map files this actor writes (None: write nothing, e.g. calibration);
-    return_maps: add the (B, crop, crop) float32 maps to the output (calibration).
+    return_maps: add the (B, crop, crop) float32 maps to the output (calibration); knn_options:
+    how the bank is searched (None: exact). Output column `knn`: the actor's kNN report as JSON
+    (engine, params, recall on its first scored patches) on every row once it has one, else "".
     """
 
     def __init__(self, bank: str, device: str, out: str | None, maps: bool, raw_maps: bool,
-                 return_maps: bool, storage_options: dict[str, Any], threads: int) -> None:
+                 return_maps: bool, storage_options: dict[str, Any], threads: int,
+                 knn_options: knn.KnnOptions | None = None) -> None:
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
-        _ray.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
+        cluster.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
         self.model = model.load(bank, device, storage_options=storage_options)
+        # model.load built an exact index with faiss' default threads: replace it with the one
+        # --knn asks for, searching on the CPUs Ray reserved for this actor
+        self.knn_options = knn_options if knn_options is not None else knn.KnnOptions()
+        self.model.index = knn.build_index(self.model.bank.features, self.model.device,
+                                           self.knn_options, threads=threads)
+        if self.model.index.engine == "torch-cuda-exact":
+            log.warning("the installed faiss has no GPU support: exact kNN runs through torch on %s",
+                        self.model.device)
+        log.info("kNN engine %s", json.dumps(self.model.index.describe(), sort_keys=True))
+        self.knn_report = ""  # JSON, set by the first batch with a readable image
         self.out, self.maps, self.raw_maps = out, maps, raw_maps
         self.return_maps = return_maps
         self.options = storage_options
 
+    def _measure_knn(self, images: torch.Tensor, uris: Sequence[str]) -> str:
+        """The kNN report (JSON): index.describe(), plus for approximate indexes `recall` (see
+        knn.measure_recall) on a seeded sample of knn.RECALL_QUERIES patches of `images`
+        (B, 3, S, S), the first RECALL_IMAGES of the actor's first readable batch."""
+        index = self.model.index
+        report: dict[str, Any] = index.describe()
+        if index.method != "exact":
+            patches = model.embed_images(self.model.extractor, images[:RECALL_IMAGES],
+                                         self.model.spec, batch_size=RECALL_IMAGES)
+            queries = patches.reshape(-1, patches.shape[-1])  # (n * h * w, D)
+            generator = torch.Generator().manual_seed(self.knn_options.seed)
+            pick = torch.randperm(queries.shape[0], generator=generator)[: knn.RECALL_QUERIES]
+            report["recall"] = {**knn.measure_recall(index, queries[pick]),
+                                "images": [str(u) for u in uris[:RECALL_IMAGES]]}
+        return json.dumps(report, sort_keys=True)
+
     def _write_files(self, key: str, amap: torch.Tensor, width: int, height: int) -> None:
         """maps/, masks/ and maps_raw/ files of one image; each write is whole-file and idempotent."""
         spec, bank = self.model.spec, self.model.bank
+        assert self.out is not None
         if self.raw_maps:
             buffer = io.BytesIO()
             np.save(buffer, amap.numpy().astype(np.float16))
-            storage.write_bytes(storage.join_uri(self.out, "maps_raw", key + ".npy"),
-                                buffer.getvalue(), self.options)
+            storage.write_bytes(map_uri(self.out, key, "raw"), buffer.getvalue(), self.options)
         if self.maps:
             full = preprocess.uncrop_map(amap, width, height, spec.resize, spec.crop,
                                          frame=spec.frame)  # (H, W)
             threshold = float(bank.pixel_threshold)
-            storage.write_bytes(storage.join_uri(self.out, "maps", key + ".png"),
-                                _png(heatmap_pixels(full, threshold)), self.options)
+            storage.write_bytes(map_uri(self.out, key, "png"),
+                                preprocess.encode_png(heatmap_pixels(full, threshold)), self.options)
             mask = np.where((full > threshold).numpy(), 255, 0).astype(np.uint8)
-            storage.write_bytes(storage.join_uri(self.out, "masks", key + ".png"), _png(mask),
+            storage.write_bytes(map_uri(self.out, key, "mask"), preprocess.encode_png(mask),
                                 self.options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,66 +149,121 @@ class ScoreActor:
         maps = np.zeros((n, crop, crop), np.float32) if self.return_maps else None
         rows = np.flatnonzero(ok)
         if len(rows):
-            prediction = model.predict(self.model, torch.from_numpy(batch["image"][rows]),
-                                       batch_size=len(rows))
+            images = torch.from_numpy(batch["image"][rows])
+            if not self.knn_report:
+                self.knn_report = self._measure_knn(images, [batch["uri"][i] for i in rows])
+            prediction = model.predict(self.model, images, batch_size=len(rows))
             spec = self.model.spec
             for j, i in enumerate(rows):
                 width, height = int(batch["width"][i]), int(batch["height"][i])
                 scores[i] = float(prediction.scores[j])
                 left, top, right, bottom = preprocess.crop_box(width, height, spec.resize, crop,
                                                                  frame=spec.frame)
-                max_y[i] = input_pixel(int(prediction.max_yx[j, 0]), top, bottom, crop, height)
-                max_x[i] = input_pixel(int(prediction.max_yx[j, 1]), left, right, crop, width)
+                max_y[i] = preprocess.input_pixel(int(prediction.max_yx[j, 0]), top, bottom, crop,
+                                                  height)
+                max_x[i] = preprocess.input_pixel(int(prediction.max_yx[j, 1]), left, right, crop,
+                                                  width)
                 if self.out is not None:
                     self._write_files(str(batch["key"][i]), prediction.maps[j], width, height)
                 if maps is not None:
                     maps[i] = prediction.maps[j].numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update({"score": scores, "max_y": max_y, "max_x": max_x})
+        out.update({"score": scores, "max_y": max_y, "max_x": max_x,
+                    "knn": np.full(n, self.knn_report, dtype=object)})
         if maps is not None:
             out["map"] = maps
         return out
 
 
 def _write_shard(folder: OutputFolder, shard: Shard, columns: dict[str, np.ndarray],
-                 image_threshold: float | None) -> dict[str, int]:
+                 image_threshold: float | None) -> dict[str, Any]:
     """errors/ and scores/ tables of one shard, then its commit record; returns the record."""
     ok = columns["error"] == ""
     uris = [str(u) for u in columns["uri"]]
     folder.write_errors(shard, [u for u, keep in zip(uris, ok) if not keep],
                         [str(e) for e, keep in zip(columns["error"], ok) if not keep])
     scores = columns["score"][ok].astype(np.float64)
-    anomalous = (pa.array(scores > image_threshold, pa.bool_()) if image_threshold is not None
-                 else pa.nulls(len(scores), pa.bool_()))
-    table = pa.table({
-        "uri": pa.array([u for u, keep in zip(uris, ok) if keep], pa.string()),
-        "rel": pa.array([str(k) for k, keep in zip(columns["key"], ok) if keep], pa.string()),
-        "score": pa.array(scores, pa.float64()),
-        "anomalous": anomalous,
-        "max_y": pa.array(columns["max_y"][ok], pa.int32()),
-        "max_x": pa.array(columns["max_x"][ok], pa.int32()),
-        "width": pa.array(columns["width"][ok], pa.int32()),
-        "height": pa.array(columns["height"][ok], pa.int32()),
-    })
-    scores_file = f"scores/{shard.name}.parquet"
-    storage.write_table(folder.join(scores_file), table, folder.options)
-    record = {"inputs": len(uris), "scored": int(ok.sum()), "errors": int((~ok).sum())}
-    files = {scores_file: record["scored"]}
+    anomalous = ([bool(v) for v in scores > image_threshold] if image_threshold is not None
+                 else [None] * len(scores))
+    storage.write_rows(folder.join(scores_file(shard)), {
+        "uri": ("string", [u for u, keep in zip(uris, ok) if keep]),
+        "rel": ("string", [str(k) for k, keep in zip(columns["key"], ok) if keep]),
+        "score": ("float64", scores),
+        "anomalous": ("bool", anomalous),
+        "max_y": ("int32", columns["max_y"][ok]),
+        "max_x": ("int32", columns["max_x"][ok]),
+        "width": ("int32", columns["width"][ok]),
+        "height": ("int32", columns["height"][ok]),
+    }, folder.options)
+    record: dict[str, Any] = {"inputs": len(uris), "scored": int(ok.sum()),
+                              "errors": int((~ok).sum()),
+                              "knn": sorted({str(r) for r in columns["knn"] if r})}
+    files = {scores_file(shard): record["scored"]}
     if record["errors"]:
-        files[f"errors/{shard.name}.parquet"] = record["errors"]
+        files[errors_file(shard)] = record["errors"]
     folder.commit_shard(shard, record, files)
     return record
 
 
-def _absolute(uri: str) -> str:
-    """Local paths made absolute so that the manifest's bank reference works from any folder."""
-    return uri if "://" in uri else os.path.abspath(uri)
+def score_shards(
+    bank: str, spec: ModelSpec, shards: Sequence[Shard], flags: PipelineFlags, device: str, *,
+    out: str | None = None, maps: bool = False, raw_maps: bool = False, return_maps: bool = False,
+    keys: Sequence[str] | None = None, label: str = "score", done_images: int = 0,
+    total_images: int | None = None, knn_options: knn.KnnOptions | None = None,
+) -> Iterator[tuple[Shard, dict[str, np.ndarray]]]:
+    """The scoring stage on the connected Ray: each shard's columns once all its rows are scored.
+
+    Columns: uri, error, width, height, score, max_y, max_x, knn (the actors' kNN reports, JSON)
+    (+ key, + map (n, crop, crop) float32 with `return_maps`). out: results folder whose map files
+    the actors write (needs `keys`, the output keys by input position); None writes nothing
+    (fit's calibration). knn_options: how the bank is searched (None: exact).
+    """
+    actor_kwargs = {"bank": bank, "device": device, "out": out, "maps": maps, "raw_maps": raw_maps,
+                    "return_maps": return_maps, "storage_options": flags.options,
+                    "knn_options": knn_options}
+    extra: Mapping[str, Sequence[Any]] = {"key": keys} if keys is not None else {}
+    yield from stream_shards(shards, ScoreActor, actor_kwargs, flags, device=device, spec=spec,
+                             label=label, extra=extra, done_images=done_images,
+                             total_images=total_images)
+
+
+def knn_summary(options: knn.KnnOptions, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest's `knn`: what --knn asked for and what the actors ran, from the shards' records.
+
+    engine: the engines the actors reported, comma-joined (one, unless actors differed); recall
+    (approximate methods): hits and queries summed over every actor's measurement, recall_at_1 =
+    hits / num_queries, distance_ratio_mean weighted by queries, and the images sampled.
+    """
+    reports = [json.loads(text) for text in sorted({t for r in records for t in r.get("knn", [])})]
+    summary: dict[str, Any] = {
+        "method": options.method,
+        "requested": knn.options_dict(options),
+        "engine": ",".join(sorted({r["engine"] for r in reports})),
+        "params": reports[0]["params"] if reports else None,
+        "threads": sorted({r["threads"] for r in reports if r["threads"] is not None}),
+        "recall": None,
+    }
+    measured = [r["recall"] for r in reports if "recall" in r]
+    if measured:
+        hits, queries = sum(m["hits"] for m in measured), sum(m["num_queries"] for m in measured)
+        summary["recall"] = {
+            "recall_at_1": hits / queries if queries else None,
+            "hits": hits,
+            "num_queries": queries,
+            "distance_ratio_mean": (sum(m["distance_ratio_mean"] * m["num_queries"] for m in measured)
+                                    / queries if queries else None),
+            "measurements": len(measured),
+            "queries": "up to knn.RECALL_QUERIES seeded patches of the first "
+                       f"{RECALL_IMAGES} readable images each actor scored",
+            "images": sorted({u for m in measured for u in m["images"]}),
+        }
+    return summary
 
 
 def run(cfg: ScoreConfig) -> int:
     """The job; returns the exit status (2 when more inputs failed than --max-failures)."""
-    log.info("config %s", _cli.config_json(cfg))
-    options = _cli.parse_storage_options(cfg.storage_options)
+    log.info("config %s", config_json(cfg))
+    options = cfg.options
     bank_manifest = storage.read_manifest(cfg.bank, "bank", options)  # fail before any work
     spec = ModelSpec.from_json(bank_manifest["spec"])
     image_threshold, pixel_threshold = bank_manifest["image_threshold"], bank_manifest["pixel_threshold"]
@@ -214,21 +274,25 @@ def run(cfg: ScoreConfig) -> int:
                          "crop-space maps)")
     if image_threshold is None:
         log.warning("bank %s has no image threshold: the anomalous column will be null", cfg.bank)
+    knn_options = cfg.knn_options()
+    bank_counts = bank_manifest.get("counts", {})
+    if "num_entries" in bank_counts and "embed_dim" in bank_counts:  # bad --knn-* fail here
+        num_entries, dim = bank_counts["num_entries"], bank_counts["embed_dim"]
+        knn_params = knn.ivf_params(knn_options, num_entries, dim)
+        log.info("knn %s on a bank of %d x %d: params %s", knn_options.method, num_entries, dim,
+                 json.dumps(knn_params, sort_keys=True))
     uris = storage.list_images(cfg.images, options)
     root = input_root(cfg.images, uris)
     keys = [relative_key(u, root) for u in uris]
-    identity = {"kind": "results", "bank": _absolute(cfg.bank), "inputs": inputs_digest(uris),
+    bank_uri = storage.normalise_uri(cfg.bank)  # works from any folder
+    identity = {"kind": "results", "bank": bank_uri, "inputs": inputs_digest(uris),
                 "num_inputs": len(uris), "shard_size": cfg.shard_size, "maps": cfg.maps,
                 "raw_maps": cfg.raw_maps, "max_pixels": cfg.max_pixels,
+                "knn": knn.options_dict(knn_options),
                 "bank_identity": {k: bank_manifest.get(k) for k in (
                     "spec", "counts", "coverage_radius", "image_threshold", "pixel_threshold")}}
-    folder = OutputFolder(cfg.out, options)
-    if folder.is_committed() and not cfg.overwrite:
-        manifest = storage.read_manifest(cfg.out, "results", options)
-        if manifest.get("identity") != identity:
-            raise ValueError(f"results {cfg.out} are committed for other inputs, bank or settings; "
-                             "pass --overwrite to replace them, or choose another --out")
-        log.info("results %s are already committed; nothing to do (--overwrite redoes them)", cfg.out)
+    manifest = reuse_committed(cfg.out, "results", options, overwrite=cfg.overwrite, identity=identity)
+    if manifest is not None:
         return 2 if failed(manifest["counts"], cfg.max_failures, "scored") else 0
     shards = make_shards(uris, cfg.shard_size)
     log.info("score %d images under %s with bank %s into %d shards at %s",
@@ -236,27 +300,30 @@ def run(cfg: ScoreConfig) -> int:
     if cfg.dry_run:
         log.info("dry run: stopping before any work")
         return 0
+    folder = OutputFolder(cfg.out, options)
     with folder.locked():  # a second run into the same --out stops here (FolderLockedError)
-        folder.prepare(identity, cfg.overwrite, DATA_DIRS)
-        records, pending = folder.resume(shards, lambda s: f"scores/{s.name}.parquet")
+        folder.prepare(identity, cfg.overwrite, RESULT_DIRS)
+        records, pending = folder.resume(shards, scores_file)
+        reported: set[str] = set()
         if pending:  # else every shard is committed and only the manifest is missing
-            with _ray.ray_session():
-                device = resolve_device(cfg.device)
-                actor_kwargs = {"bank": cfg.bank, "device": device, "out": cfg.out,
-                                "maps": cfg.maps, "raw_maps": cfg.raw_maps, "return_maps": False,
-                                "storage_options": options}
-                for shard, columns in stream_shards(
-                    pending, ScoreActor, actor_kwargs, cfg, device=device, resize=spec.resize,
-                    crop=spec.crop, frame=spec.frame, label="score", extra={"key": keys},
-                    done_images=sum(len(shards[i].uris) for i in records),
-                    total_images=len(uris),
+            with cluster.ray_session():
+                device = cluster.resolve_device(cfg.device)
+                for shard, columns in score_shards(
+                    cfg.bank, spec, pending, cfg, device, out=cfg.out, maps=cfg.maps,
+                    raw_maps=cfg.raw_maps, keys=keys,
+                    done_images=sum(len(shards[i].uris) for i in records), total_images=len(uris),
+                    knn_options=knn_options,
                 ):
                     records[shard.index] = _write_shard(folder, shard, columns, image_threshold)
+                    for text in records[shard.index]["knn"]:
+                        if text not in reported:  # each actor's report once
+                            reported.add(text)
+                            log.info("knn report of an actor: %s", text)
         counts = {"inputs": len(uris), "scored": sum(r["scored"] for r in records.values()),
                   "errors": sum(r["errors"] for r in records.values())}
         assert counts["inputs"] == counts["scored"] + counts["errors"], counts
         manifest = {
-            "bank": _absolute(cfg.bank),
+            "bank": bank_uri,
             "spec": spec.to_json(),
             "image_threshold": image_threshold,
             "pixel_threshold": pixel_threshold,
@@ -266,20 +333,22 @@ def run(cfg: ScoreConfig) -> int:
             "shards": len(shards),
             "maps": {"png": cfg.maps, "mask": cfg.maps, "raw": cfg.raw_maps},
             "map_scale": "png value v = round(clip(map / (2 * pixel_threshold), 0, 1) * 255)",
+            "knn": knn_summary(knn_options, [records[i] for i in sorted(records)]),
             "identity": identity,
-            "config": _cli.config_dict(cfg),
+            "config": config_dict(cfg),
             "versions": storage.package_versions(),
         }
         folder.verify_lock()  # the commit point: only the run holding the folder writes it
         storage.write_manifest(cfg.out, manifest, kind="results", storage_options=options)
         folder.finish()
-        log.info("results %s committed: %s", cfg.out, counts)
+        log.info("results %s committed: %s; knn %s", cfg.out, counts,
+                 json.dumps(manifest["knn"], sort_keys=True))
         return 2 if failed(counts, cfg.max_failures, "scored") else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    _ray.setup_logging()
-    status = run(_cli.parse_config(ScoreConfig, argv, prog="patchcore score"))
+    logs.setup_logging()
+    status = run(parse_config(ScoreConfig, argv, prog="patchcore score"))
     if status:
         sys.exit(status)
 

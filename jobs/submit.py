@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs import _cli, _ray, cli
+from jobs import cli, logs
+from jobs.config import parse_config, parse_storage_options
+from patchcore_core import storage
 
 log = logging.getLogger("jobs.submit")
 
@@ -44,21 +46,16 @@ PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS
 EXCLUDES = (".git", ".venv", "venv", "outputs", "out", "demo-out", "patchcore-demo",
             "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".mypy_cache", "build")
 
-# storage-options keys that carry credentials (fsspec/s3fs/gcsfs/adlfs names), refused on the
-# command line because the entrypoint is stored by Ray and shown on its dashboard.
-SECRET_OPTION_KEYS = frozenset({
-    "key", "secret", "token", "access_key", "secret_key", "session_token", "aws_access_key_id",
-    "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
-    "credentials", "password",
-})
-
 NOT_SUBMITTABLE = frozenset({"submit"})
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,126}$")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `patchcore submit` itself (the job's command follows `--`)."""
+    """Flags of `patchcore submit` itself (the job's command follows `--`).
+
+    Its `--help` documents every flag with its default and the exit statuses; parse errors exit 2.
+    """
     parser = argparse.ArgumentParser(
         prog="patchcore submit",
         usage="patchcore submit [flags] -- COMMAND [command flags]",
@@ -75,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"submission id was used before (nothing submitted); {EXIT_UNREACHABLE} the job "
             "server could not be reached or refused the token."
         ),
+        # no prefix matching: a job flag put before `--` by mistake (--work for --workers) must
+        # be an error, not --working-dir
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -114,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(submit's own flags, the job's command) around the first `--`."""
+    """(submit's own flags, the job's command) around the first `--`.
+
+    Without `--` every word is submit's own and the command is empty (check_command refuses it).
+    """
     args = list(argv)
     if "--" not in args:
         return args, []
@@ -123,7 +125,11 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def config_class(command: str) -> type:
-    """The job-config dataclass that `patchcore COMMAND` parses its flags into."""
+    """The job-config dataclass that `patchcore COMMAND` parses its flags into.
+
+    Imports the command's module. ValueError for `submit` itself, an unknown command, a missing
+    module, or a module without exactly one *Config dataclass of its own.
+    """
     if command in NOT_SUBMITTABLE or command not in cli.COMMANDS:
         allowed = sorted(set(cli.COMMANDS) - NOT_SUBMITTABLE)
         raise ValueError(f"cannot submit {command!r}: choose one of {', '.join(allowed)}")
@@ -132,6 +138,7 @@ def config_class(command: str) -> type:
         raise ValueError(f"command {command!r} is not available in this installation "
                          f"(module {module_name} is missing)")
     module = importlib.import_module(module_name)
+    # found by the one-config-per-job convention (STYLE.md rule 4) rather than a second table
     found = [
         value for value in vars(module).values()
         if isinstance(value, type) and dataclasses.is_dataclass(value)
@@ -149,23 +156,28 @@ def check_command(command: Sequence[str]) -> Any:
     """Parse the job's command with that command's own parser; returns its config.
 
     An unknown command, flag or value exits with status 2 and the command's usage, here, before
-    anything reaches the cluster. Credentials in --storage-options are refused (ValueError).
+    anything reaches the cluster. Credentials in --storage-options are refused (ValueError), as
+    is an empty command. Values are checked here, files and folders only on the cluster.
     """
     if not command:
         raise ValueError("give the job's command after `--`, e.g. "
                          "`patchcore submit -- score --bank s3://b/bank --images s3://b/in --out s3://b/out`")
     name, flags = command[0], list(command[1:])
-    config = _cli.parse_config(config_class(name), flags, prog=f"patchcore {name}")
+    config = parse_config(config_class(name), flags, prog=f"patchcore {name}")
     check_no_secrets(config)
     return config
 
 
 def check_no_secrets(config: Any) -> None:
-    """ValueError if the config's --storage-options hold credential keys (values never echoed)."""
+    """ValueError if the config's --storage-options hold credential keys (values never echoed).
+
+    Keys are looked for at any depth (e.g. `client_kwargs`) with storage.is_secret_key; a config
+    without a storage_options field passes.
+    """
     text = getattr(config, "storage_options", "")
     if not isinstance(text, str) or not text.strip():
         return
-    found = sorted(_secret_keys(_cli.parse_storage_options(text)))
+    found = sorted(_secret_keys(parse_storage_options(text)))
     if found:
         raise ValueError(
             f"--storage-options holds credentials ({', '.join(found)}); a job's command is stored "
@@ -178,8 +190,7 @@ def check_no_secrets(config: Any) -> None:
 def _secret_keys(options: Any) -> set[str]:
     """Keys anywhere in a nested JSON object that name a credential."""
     if isinstance(options, Mapping):
-        found = {k for k in options if str(k).lower() in SECRET_OPTION_KEYS
-                 or "secret" in str(k).lower() or "password" in str(k).lower()}
+        found = {k for k in options if storage.is_secret_key(k)}
         for value in options.values():
             found |= _secret_keys(value)
         return found
@@ -189,7 +200,10 @@ def _secret_keys(options: Any) -> set[str]:
 
 
 def nightly_submission_id(name: str, date: dt.date) -> str:
-    """`patchcore-<name>-<YYYYMMDD>`: the same id for every trigger of one night's run."""
+    """`patchcore-<name>-<YYYYMMDD>`: the same id for every trigger of one night's run.
+
+    ValueError unless `name` is 1-42 lowercase letters, digits or '-', not at either end.
+    """
     if not _NAME.match(name):
         raise ValueError(
             f"--nightly-id must be 1-42 lowercase letters, digits or '-' (not at either end), "
@@ -199,7 +213,11 @@ def nightly_submission_id(name: str, date: dt.date) -> str:
 
 
 def resolve_submission_id(args: argparse.Namespace, today: dt.date) -> str | None:
-    """The submission id the flags ask for; None = let Ray pick a random one."""
+    """The submission id the flags ask for; None = let Ray pick a random one.
+
+    today: the run date when --date is absent (main passes the UTC date). ValueError for --date
+    without --nightly-id, a --date that is not YYYY-MM-DD, or a malformed --submission-id.
+    """
     if args.date is not None and args.nightly_id is None:
         raise ValueError("--date only applies to --nightly-id")
     if args.nightly_id is not None:
@@ -219,7 +237,11 @@ def resolve_submission_id(args: argparse.Namespace, today: dt.date) -> str | Non
 
 
 def resolve_address(flag: str | None, environ: Mapping[str, str]) -> str:
-    """Job server URL from --address or RAY_ADDRESS (the variable `ray job submit` reads too)."""
+    """Job server URL from --address or RAY_ADDRESS (the variable `ray job submit` reads too).
+
+    A bare HOST:PORT gets http://; the result has no trailing '/'. ValueError when neither is
+    set, or for a scheme other than http(s) (ray:// serves drivers, not job submission).
+    """
     address = (flag or environ.get("RAY_ADDRESS", "")).strip()
     if not address:
         raise ValueError(
@@ -244,6 +266,7 @@ def auth_headers(environ: Mapping[str, str], home: Path) -> dict[str, str]:
     or when RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH are set explicitly; never with
     RAY_AUTH_MODE=disabled. Built here rather than left to Ray so that it does not depend on
     process-wide Ray state (a local `ray.init()` generates and caches its own token).
+    FileNotFoundError when RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token in token mode, is missing.
     """
     mode = environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode == "disabled":
@@ -268,10 +291,15 @@ def auth_headers(environ: Mapping[str, str], home: Path) -> dict[str, str]:
 
 
 def runtime_env(working_dir: str, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Ray runtime_env of the job: shipped project folder plus the non-secret passthrough vars."""
+    """Ray runtime_env of the job: shipped project folder plus the non-secret passthrough vars.
+
+    Keys: working_dir (absolute) and excludes when `working_dir` is not ''; env_vars when any
+    PASSTHROUGH_ENV variable is set. ValueError when `working_dir` is not the project root.
+    """
     env: dict[str, Any] = {}
     if working_dir:
         root = Path(working_dir).expanduser().resolve()
+        # caught here: a wrong folder would only show on the cluster, after the upload
         if not (root / "jobs" / "cli.py").is_file() or not (root / "patchcore_core").is_dir():
             raise ValueError(
                 f"--working-dir {working_dir} is not the patchcore project folder (no jobs/cli.py "
@@ -294,7 +322,11 @@ def entrypoint(command: Sequence[str]) -> str:
 
 def submit(client: Any, command: Sequence[str], submission_id: str | None,
            env: dict[str, Any]) -> str:
-    """Submit; returns the submission id. RuntimeError('... already exists') on a reused id."""
+    """Submit; returns the submission id. RuntimeError('... already exists') on a reused id.
+
+    client: a ray.job_submission.JobSubmissionClient; env: `runtime_env`'s result. The metadata
+    (who submitted, which command) shows on the Ray dashboard.
+    """
     return client.submit_job(
         entrypoint=entrypoint(command),
         submission_id=submission_id,
@@ -304,13 +336,18 @@ def submit(client: Any, command: Sequence[str], submission_id: str | None,
 
 
 async def _follow_logs(client: Any, job_id: str) -> None:
+    """Copy the job's log stream to stderr until the server closes it (the job ended)."""
     async for chunk in client.tail_job_logs(job_id):
         sys.stderr.write(chunk)
         sys.stderr.flush()
 
 
 def wait_for(client: Any, job_id: str, *, poll_interval: float, follow_logs: bool = True) -> int:
-    """Follow the job to its end; returns 0 on SUCCEEDED, else the driver's exit status or 1."""
+    """Follow the job to its end; returns 0 on SUCCEEDED, else the driver's exit status or 1.
+
+    Logs go to stderr (follow_logs); then the status is polled every `poll_interval` seconds
+    until it is terminal (the log stream may end or drop before the status does).
+    """
     if follow_logs:
         import aiohttp  # ray[default]'s HTTP client, which tail_job_logs uses
 
@@ -333,12 +370,17 @@ def wait_for(client: Any, job_id: str, *, poll_interval: float, follow_logs: boo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`patchcore submit [flags] -- COMMAND [command flags]`; see `--help` for exit statuses."""
+    """`patchcore submit [flags] -- COMMAND [command flags]`; see `--help` for exit statuses.
+
+    Prints the submission id on stdout. Exits 2 for bad flags or a bad command, 3 when the
+    submission id was used before, 4 when the job server is unreachable or refuses the token,
+    and, with --wait, with the job's status when it fails.
+    """
     own, command = split_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(own)  # unknown flags before `--` exit 2 here
-    _ray.setup_logging()
-    try:
+    logs.setup_logging()
+    try:  # every local check before the first request: a bad command never reaches the cluster
         check_command(command)  # exits 2 with the command's own usage on a bad flag or value
         submission_id = resolve_submission_id(args, dt.datetime.now(dt.timezone.utc).date())
         address = resolve_address(args.address, os.environ)

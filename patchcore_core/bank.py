@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from patchcore_core.features import feature_width
 from patchcore_core.spec import ModelSpec
 
 
@@ -17,7 +18,8 @@ from patchcore_core.spec import ModelSpec
 class Bank:
     """Memory bank M of M entries and its provenance.
 
-    features: (M, D) float32, full-width patch embeddings (not projected).
+    features: (M, W) float32 patch embeddings (not projected), W = features.feature_width(spec):
+        embed_dim, or the rank of the channel map when the spec stores low-rank features.
     image_ids, ys, xs: where each entry came from (image URI, patch-grid row and column).
     coverage_radius: max distance, in the projected space, from any training patch to its nearest
         bank entry (paper Alg. 1 objective).
@@ -39,14 +41,19 @@ class Bank:
     def __post_init__(self) -> None:
         if self.features.ndim != 2 or self.features.dtype != torch.float32:
             raise ValueError(
-                f"bank features must be (M, D) float32, got {self.features.dtype} "
+                f"bank features must be (M, W) float32, got {self.features.dtype} "
                 f"{tuple(self.features.shape)}"
             )
         count, dim = self.features.shape
         if count < 1:
             raise ValueError("a bank needs at least one entry")
-        if dim != self.spec.embed_dim:
-            raise ValueError(f"bank features have D={dim} but spec.embed_dim={self.spec.embed_dim}")
+        width = feature_width(self.spec)
+        if dim != width:
+            raise ValueError(
+                f"bank features are {dim} wide but the spec stores {width}-wide features "
+                f"(embed_dim={self.spec.embed_dim}, low_rank={self.spec.low_rank}); build the "
+                "features with features.embed for this spec"
+            )
         if not isinstance(self.image_ids, tuple) or len(self.image_ids) != count:
             raise ValueError(f"image_ids must be a tuple of {count} strings (one per entry)")
         for name, coords in (("ys", self.ys), ("xs", self.xs)):

@@ -326,11 +326,3 @@ def greedy_coreset(projected: torch.Tensor, num_samples: int, *, start: int) -> 
         if step + 1 < num_samples:
             _, index = state.argmax(0)
     return CoresetResult(indices=chosen, radius=math.sqrt(max(0.0, state.max_sq())))
-
-
-def random_subsample(num_points: int, num_samples: int, seed: int) -> torch.Tensor:
-    """Baseline: `num_samples` distinct rows drawn uniformly (seeded); (k,) int64, sorted."""
-    if not 1 <= num_samples <= num_points:
-        raise ValueError(f"num_samples must be in [1, {num_points}], got {num_samples}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_points, generator=generator)[:num_samples].sort().values

@@ -1,7 +1,8 @@
 """Evaluation metrics (paper §4.1): image AUROC, streaming pixel AUROC and PRO, F1 threshold.
 
 Pixel metrics stream over images: each map is binned into fixed score bins and only counts are
-kept, so memory is O(num_bins) whatever the number or size of images, and merging is a sum.
+kept, so memory is O(num_bins) whatever the number or size of images. Confusion counts and F1
+of thresholded predictions (images or pixels) live here too.
 """
 
 from __future__ import annotations
@@ -91,24 +92,6 @@ def update_pixel_curves(curves: PixelCurves, amap: torch.Tensor, mask: torch.Ten
     return curves
 
 
-def merge_pixel_curves(a: PixelCurves, b: PixelCurves) -> PixelCurves:
-    """Curves of the union of two image sets (exact: integer sums). Both need the same bins."""
-    if (a.low, a.high, a.num_bins) != (b.low, b.high, b.num_bins):
-        raise ValueError(
-            f"cannot merge curves with different bins: {(a.low, a.high, a.num_bins)} "
-            f"vs {(b.low, b.high, b.num_bins)}; use the same low, high and num_bins everywhere"
-        )
-    return PixelCurves(
-        a.low,
-        a.high,
-        a.num_bins,
-        a.negatives + b.negatives,
-        a.positives + b.positives,
-        a.region_overlap + b.region_overlap,
-        a.num_regions + b.num_regions,
-    )
-
-
 def _rates_above(counts: torch.Tensor) -> np.ndarray:
     """(n,) bin counts -> (n + 1,) fraction in bins >= i for i = n, n-1, ..., 0 (from 0 up to 1)."""
     above = np.concatenate([[0], np.cumsum(counts.numpy()[::-1])])
@@ -176,6 +159,38 @@ def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[fl
     f1 = 2 * true_pos[last] / (true_pos[last] + false_pos[last] + true_pos[-1])
     best = len(last) - 1 - int(np.argmax(f1[::-1]))  # ties: the last, i.e. smallest threshold
     return float(ordered[last[best]]), float(f1[best])
+
+
+def f1_score(true_pos: np.ndarray | int, false_pos: np.ndarray | int, false_neg: np.ndarray | int
+             ) -> np.ndarray | float:
+    """F1 = 2 TP / (2 TP + FP + FN), elementwise; 0 where there is nothing to count."""
+    if np.ndim(true_pos) == 0:
+        return 2 * int(true_pos) / max(1, 2 * int(true_pos) + int(false_pos) + int(false_neg))
+    return 2 * true_pos / np.maximum(1, 2 * true_pos + false_pos + false_neg)
+
+
+def confusion_counts(predicted: np.ndarray | torch.Tensor, defective: np.ndarray | torch.Tensor
+                     ) -> dict[str, int]:
+    """true_positives, false_positives, false_negatives of boolean predictions against boolean
+    labels of the same shape (images or pixels)."""
+    if predicted.shape != defective.shape:
+        raise ValueError(f"predictions {tuple(predicted.shape)} and labels "
+                         f"{tuple(defective.shape)} differ in shape")
+    return {"true_positives": int((predicted & defective).sum()),
+            "false_positives": int((predicted & ~defective).sum()),
+            "false_negatives": int((~predicted & defective).sum())}
+
+
+def pixel_f1_optimal(curves: PixelCurves) -> dict[str, float | int]:
+    """Best pixel F1 over the histogram's bin edges, where "bin >= i" predicts defect: threshold
+    (the bin's lower edge), f1, false_positives, false_negatives. Ties: the lowest edge."""
+    true_pos = np.cumsum(curves.positives.numpy()[::-1])[::-1]  # (n,) defect pixels in bins >= i
+    false_pos = np.cumsum(curves.negatives.numpy()[::-1])[::-1]
+    positives = true_pos[0]
+    f1 = f1_score(true_pos, false_pos, positives - true_pos)
+    best = int(np.argmax(f1))
+    return {"threshold": float(curves.edges()[best]), "f1": float(f1[best]),
+            "false_positives": int(false_pos[best]), "false_negatives": int(positives - true_pos[best])}
 
 
 def _check_scores_labels(

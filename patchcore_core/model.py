@@ -84,7 +84,7 @@ def embed_images(
 ) -> torch.Tensor:
     """Patch features of `images` (N, 3, S, S), computed in batches on the extractor's device.
 
-    Returns (N, h, w, D) float32 on CPU.
+    Returns (N, h, w, W) float32 on CPU, W = features.feature_width(spec).
     """
     _check_images(images, spec)
     device = next(extractor.parameters()).device
@@ -139,10 +139,11 @@ def fit(
         image_ids = [f"image-{i:06d}" for i in range(images.shape[0])]
     target = backbone.resolve_device(device) if isinstance(device, str) else device
     extractor = backbone.load_backbone(spec, target)
-    patch_features = embed_images(extractor, images, spec, batch_size)  # (N, h, w, D)
+    patch_features = embed_images(extractor, images, spec, batch_size)  # (N, h, w, W)
     row_ids, ys, xs, flat = flatten_patches(patch_features, image_ids)
-    num_points, dim = flat.shape
-    projection = coreset.projection_matrix(dim, projection_dim, seed)
+    num_points = flat.shape[0]
+    # ψ for the stored width: the same projected points whether features are D-dim or low-rank
+    projection = features.coreset_projection(spec, projection_dim, seed)  # (W, projection_dim)
     projected = flat.to(target) @ projection.to(target)  # (n, projection_dim)
     result = coreset.greedy_coreset(
         projected,
@@ -185,7 +186,8 @@ def fit(
 def score_patches(
     model: PatchCore, patch_features: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and patch scores for patch features (B, h, w, D) (paper §3.3, Eq. 6-7).
+    """Image and patch scores for patch features (B, h, w, W) as `embed_images` gives them
+    (paper §3.3, Eq. 6-7); distances are the same for D-dim and low-rank features.
 
     patch_scores: (B, h, w) float32 Euclidean distance of each patch to its nearest bank entry.
     image_scores: (B,) float64, Eq. 7 reweighting of the largest patch score s* with the

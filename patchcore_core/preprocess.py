@@ -1,7 +1,8 @@
 """Image decoding and the crop geometry in front of the backbone (DESIGN.md §3, paper §4.1).
 
-Owns bytes -> RGB image, image -> normalised backbone input (centre crop or full frame), and
-mapping those maps back onto the original image. The resize/crop rounding follows torchvision's
+Owns bytes -> RGB image, image -> normalised backbone input (centre crop or full frame), the
+geometry between the crop and the original image (maps, masks and pixels in both directions),
+and 8-bit gray PNG encoding of maps. The resize/crop rounding follows torchvision's
 Resize + CenterCrop; resampling runs in float (no 8-bit rounding after decoding).
 """
 
@@ -241,3 +242,35 @@ def uncrop_map(
     out = torch.zeros(height, width, dtype=torch.float32)
     out[y0:y1, x0:x1] = inside
     return out
+
+
+def input_pixel(index: int, low: float, high: float, crop: int, size: int) -> int:
+    """Input-pixel index holding the centre of crop pixel `index`, along one axis.
+
+    The crop spans [low, high) in input pixels (`crop_box`); the result is kept among the pixels
+    that `uncrop_map` covers (their centres lie in the box) and inside [0, size).
+    """
+    centre = low + (index + 0.5) * (high - low) / crop
+    first, last = math.ceil(low - 0.5), math.ceil(high - 0.5) - 1
+    return min(max(int(math.floor(centre)), first, 0), last, size - 1)
+
+
+def mask_to_crop(defect: np.ndarray, resize: int, crop: int, frame: str = "crop") -> np.ndarray:
+    """(H, W) bool mask -> (crop, crop) bool in the backbone's crop space, as the paper evaluates.
+
+    The inspected box (`crop_box`, in input pixels) is resampled bilinearly to crop x crop and
+    thresholded at 0.5: the same geometry as the image fed to the backbone.
+    """
+    height, width = defect.shape
+    box = crop_box(width, height, resize, crop, frame=frame)
+    image = Image.fromarray(defect.astype(np.float32), mode="F")
+    resampled = image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resampled) >= 0.5
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W) uint8 -> 8-bit gray PNG bytes ((H, W, 3) uint8 -> RGB). No timestamps: the same
+    pixels always give the same bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()

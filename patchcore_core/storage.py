@@ -38,9 +38,17 @@ FEATURE_ROW_GROUP = 8192
 BANK_FEATURES = "features.npy"
 BANK_PROVENANCE = "provenance.parquet"
 
-# Keys that must never reach an artifact (credentials). Matched case-insensitively.
-_SECRET_KEYS = {"key", "secret", "token", "password", "storage_options", "client_kwargs"}
-_SECRET_PARTS = ("secret", "password", "session_token", "access_key")
+# Names of keys that carry credentials (fsspec, s3fs, gcsfs and adlfs option names), matched
+# case-insensitively, whole or by part: never written to an artifact, logged or submitted.
+SECRET_KEYS = frozenset({
+    "key", "secret", "token", "password", "access_key", "secret_key", "session_token",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
+    "client_secret", "credentials",
+})
+# Keys whose values may hold such options (a config field, s3fs's nested client options): never
+# written to an artifact or logged as they are.
+SECRET_CONTAINERS = frozenset({"storage_options", "client_kwargs"})
+SECRET_PARTS = ("secret", "password", "session_token", "access_key")
 _INPUT_FORMS = (
     "a folder or prefix (searched recursively for " + " ".join(IMAGE_EXTENSIONS) + "), "
     "a glob such as 's3://bucket/images/*.png', or a manifest file "
@@ -84,6 +92,67 @@ def join_uri(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def normalise_uri(uri: str) -> str:
+    """Comparable form of a path or URI, as `list_images` returns it: 'file://' dropped, local
+    paths absolute and normalised, no trailing '/' (except the root)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    return uri.rstrip("/") or uri
+
+
+def is_dir(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `uri` is a folder (a prefix holding objects, on object stores)."""
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    return bool(fs.isdir(path))
+
+
+def is_file(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    return bool(fs.isfile(path))
+
+
+def file_size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Size in bytes of one file, read afresh (FileNotFoundError when missing)."""
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs, path)
+    return int(fs.info(path)["size"])
+
+
+def file_sizes(folder: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Base name -> size in bytes of the files directly in `folder`, in one listing ({} when the
+    folder does not exist)."""
+    fs, path = url_to_fs(folder, storage_options)
+    _uncached(fs, path)
+    if not fs.isdir(path):
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+            for e in fs.ls(path, detail=True) if e.get("type") != "directory"}
+
+
+def list_files(folder: str, pattern: str = "*", storage_options: dict[str, Any] | None = None
+               ) -> list[str]:
+    """Sorted URIs of the files directly in `folder` whose names match the glob `pattern`
+    (plain absolute paths locally, 'proto://path' otherwise); [] when the folder does not exist."""
+    fs, path = url_to_fs(folder, storage_options)
+    _uncached(fs, path)
+    if not fs.isdir(path):
+        return []
+    return sorted(_to_uri(fs, p) for p in fs.glob(posixpath.join(path, pattern)) if fs.isfile(p))
+
+
+def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete every file and folder that `uri` (a path or a glob) names, recursively; nothing
+    there is not an error. Used only to clear an output folder the user asked to overwrite."""
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs)
+    for found in fs.glob(path) if _has_magic(path) else [path] if fs.exists(path) else []:
+        fs.rm(found, recursive=True)
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -377,6 +446,35 @@ def read_table(
     return table
 
 
+_COLUMN_TYPES = {"string": pa.string(), "float64": pa.float64(), "float32": pa.float32(),
+                 "int64": pa.int64(), "int32": pa.int32(), "int16": pa.int16(), "bool": pa.bool_()}
+
+
+def write_rows(
+    uri: str,
+    columns: dict[str, tuple[str, Sequence[Any] | np.ndarray]],
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """One small Parquet table from {name: (type, values)}, columns in the given order.
+
+    type: one of string, float64, float32, int64, int32, int16, bool; None values are nulls.
+    """
+    arrays = {}
+    for name, (kind, values) in columns.items():
+        if kind not in _COLUMN_TYPES:
+            raise ValueError(f"column {name!r}: type must be one of {sorted(_COLUMN_TYPES)}, got {kind!r}")
+        data = values.tolist() if isinstance(values, np.ndarray) and kind == "string" else values
+        arrays[name] = pa.array(data if isinstance(data, np.ndarray) else list(data), _COLUMN_TYPES[kind])
+    write_table(uri, pa.table(arrays), storage_options)
+
+
+def read_rows(
+    uri: str, columns: Sequence[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of one Parquet file as dicts (optionally only `columns`)."""
+    return read_table(uri, columns, storage_options).to_pylist()
+
+
 def parquet_num_rows(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     """Row count from a Parquet file's footer (reads only the footer).
 
@@ -479,13 +577,23 @@ def read_feature_shard(
 # ------------------------------------------------------------------------ manifests (commit point)
 
 
+def is_secret_key(name: Any) -> bool:
+    """Whether a key (a storage option, at any depth) names a credential."""
+    lowered = str(name).lower()
+    return lowered in SECRET_KEYS or any(part in lowered for part in SECRET_PARTS)
+
+
+def may_hold_secrets(name: Any) -> bool:
+    """Whether a key names a credential or a group of storage options (config fields, manifests)."""
+    return is_secret_key(name) or str(name).lower() in SECRET_CONTAINERS
+
+
 def _find_secrets(value: Any, where: str = "") -> list[str]:
     """Dotted paths of keys that look like credentials."""
     found = []
     if isinstance(value, dict):
         for key, item in value.items():
-            name = str(key).lower()
-            if name in _SECRET_KEYS or any(part in name for part in _SECRET_PARTS):
+            if may_hold_secrets(key):
                 found.append(f"{where}{key}")
             found += _find_secrets(item, f"{where}{key}.")
     elif isinstance(value, (list, tuple)):
@@ -578,7 +686,10 @@ def package_versions() -> dict[str, str]:
 
 
 def save_bank(uri: str, bank: Bank, storage_options: dict[str, Any] | None = None) -> None:
-    """Write a bank folder: features.npy (M, D) float32, provenance.parquet, manifest.json last.
+    """Write a bank folder: features.npy (M, W) float32, provenance.parquet, manifest.json last.
+
+    W is the stored feature width (features.feature_width: embed_dim, or the rank r of the
+    channel map for low-rank specs); the manifest's counts record both.
 
     An existing manifest is removed first, so a crash mid-write never leaves a committed folder
     whose files disagree.
@@ -599,7 +710,8 @@ def save_bank(uri: str, bank: Bank, storage_options: dict[str, Any] | None = Non
         "spec": bank.spec.to_json(),
         "counts": {
             "num_entries": int(bank.features.shape[0]),
-            "embed_dim": int(bank.features.shape[1]),
+            "embed_dim": int(bank.spec.embed_dim),
+            "feature_width": int(bank.features.shape[1]),
         },
         "projection_seed": int(bank.projection_seed),
         "coverage_radius": float(bank.coverage_radius),
@@ -610,6 +722,25 @@ def save_bank(uri: str, bank: Bank, storage_options: dict[str, Any] | None = Non
         "info": bank.info,
     }
     write_manifest(uri, manifest, kind="bank", storage_options=storage_options)
+
+
+def update_bank_manifest(
+    uri: str, changes: dict[str, Any], storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Rewrite a committed bank's manifest with `changes` (image_threshold, pixel_threshold,
+    info) and return it; features.npy and provenance.parquet stay as they are. One whole-file
+    write, so readers see the old manifest or the new one."""
+    allowed = {"image_threshold", "pixel_threshold", "info"}
+    if not set(changes) <= allowed:
+        raise ValueError(f"a bank manifest update may change {sorted(allowed)}, got {sorted(changes)}")
+    manifest = read_manifest(uri, "bank", storage_options)
+    body = {k: v for k, v in manifest.items() if k not in ("kind", "format_version")}
+    for name in ("image_threshold", "pixel_threshold"):
+        if changes.get(name) is not None:
+            changes = {**changes, name: float(changes[name])}
+    body.update(changes)
+    write_manifest(uri, body, kind="bank", storage_options=storage_options)
+    return {**body, "kind": "bank", "format_version": FORMAT_VERSION}
 
 
 def load_bank(
@@ -631,7 +762,9 @@ def load_bank(
         )
     data = read_bytes(join_uri(uri, manifest["files"]["features"]), storage_options)
     features = np.load(io.BytesIO(data), allow_pickle=False)
-    count, dim = manifest["counts"]["num_entries"], manifest["counts"]["embed_dim"]
+    counts = manifest["counts"]
+    # banks written before low-rank storage record only embed_dim, which was their width
+    count, dim = counts["num_entries"], counts.get("feature_width", counts["embed_dim"])
     if features.dtype != np.float32 or features.shape != (count, dim):
         raise ValueError(
             f"bank {uri}: features.npy is {features.dtype} {features.shape}, manifest says "

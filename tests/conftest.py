@@ -1,12 +1,16 @@
-"""Shared test fixtures: one local Ray per session, a real S3 server (moto) on loopback, seeded RNG."""
+"""Shared test fixtures: one local Ray per session (or a 3-node one for a module), a real S3 server
+(moto) on loopback, seeded RNG."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,12 +67,59 @@ def s3_server(s3_endpoint: str) -> str:
     return bucket
 
 
+def _start_local_ray() -> None:
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never attach tests to a real cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint: str) -> Iterator[None]:
     """One local Ray (2 CPUs, no dashboard) for the whole session; workers see the S3 variables."""
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)  # never attach tests to a real cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """A 3-node Ray on this machine (`ray.cluster_utils.Cluster`: one raylet per node) for a module.
+
+    Head: 0 CPUs, as a KubeRay head, so all work lands on the two 1-CPU workers, which carry the
+    custom resources `node_a` / `node_b` (1 each) for tests that pin a task to one of them.
+    The session's local Ray, if started, is shut down for the module and restarted after it, as
+    `ray_local` made it (one driver connects to one Ray at a time). RAY_TMPDIR points at a
+    private short folder meanwhile: the cluster writes its address to RAY_TMPDIR's
+    `ray_current_cluster`, which a plain `ray.init()` of any other process on this machine (other
+    test sessions) would otherwise join.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    restart = ray.is_initialized()
+    ray.shutdown()
+    saved_tmp = os.environ.get("RAY_TMPDIR")
+    tmp = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")  # short: raylet socket paths <= 107 chars
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for name in ("node_a", "node_b"):
+            cluster.add_node(num_cpus=1, resources={name: 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved_tmp is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        if restart:
+            _start_local_ray()

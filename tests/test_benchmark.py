@@ -85,14 +85,14 @@ def test_mean_row_averages_categories_and_skips_missing_values() -> None:
               "settings": {"backbone": "b", "layers": "l", "resize": 1, "crop": 1, "embed_dim": 1,
                            "coreset": "ratio 0.1"},
               "paper": None}
-    table = _table(benchmark.markdown(result))
+    table = _table(benchmark.table_markdown(result))
     assert table["a"][:3] == ["90.0", "80.0", "-"] and table["mean"][:3] == ["80.0", "70.0", "50.0"]
     assert table["mean"][3:] == ["15.0", "3.0", "2.7"]
 
     # with the paper's numbers: each metric is followed by the paper's value for that category
     rows["screw"] = rows.pop("b")
     result["paper"] = benchmark.paper_reference(0.1, list(rows))
-    table = _table(benchmark.markdown(result))
+    table = _table(benchmark.table_markdown(result))
     assert table["category"][:6] == ["image AUROC", "paper", "pixel AUROC", "paper", "PRO", "paper"]
     assert table["screw"][:6] == ["70.0", "97.0", "60.0", "99.4", "50.0", "97.9"]
     assert table["a"][:6] == ["90.0", "-", "80.0", "-", "-", "-"]

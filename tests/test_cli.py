@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import _cli, cli
+from jobs import cli
+from jobs import config as _cli
 
 ROOT = Path(__file__).parents[1]
 

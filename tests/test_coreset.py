@@ -157,14 +157,6 @@ def test_greedy_rejects_bad_arguments(num_samples: int, start: int, message: str
         coreset.greedy_coreset(torch.zeros(10, 2), num_samples, start=start)
 
 
-def test_random_subsample_is_seeded_sorted_and_distinct() -> None:
-    a = coreset.random_subsample(100, 10, seed=3)
-    assert a.dtype == torch.int64 and a.tolist() == sorted(set(a.tolist()))
-    assert torch.equal(a, coreset.random_subsample(100, 10, seed=3))
-    assert not torch.equal(a, coreset.random_subsample(100, 10, seed=4))
-    assert int(a.min()) >= 0 and int(a.max()) < 100
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_greedy_on_cuda_equals_cpu() -> None:

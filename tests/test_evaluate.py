@@ -20,7 +20,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from jobs import datasets, evaluate
-from patchcore_core import storage
+from patchcore_core import preprocess, storage
 from patchcore_core.spec import ModelSpec
 
 WIDTH, HEIGHT, RESIZE, CROP = 48, 40, 40, 32
@@ -247,7 +247,7 @@ def test_partly_scored_category_is_an_error(tmp_path: Path) -> None:
 def test_mask_to_crop_follows_the_image_crop_geometry() -> None:
     mask = np.zeros((80, 96), bool)  # twice the test size: scale 2 between input and crop
     mask[20:40, 30:50] = True
-    cropped = datasets.mask_to_crop(mask, RESIZE, CROP)
+    cropped = preprocess.mask_to_crop(mask, RESIZE, CROP)
     # crop box in input pixels: (16, 8, 80, 72); block (y, x) of 2x2 input pixels -> crop pixel
     reference = mask[8:72, 16:80].reshape(32, 2, 32, 2).mean(axis=(1, 3)) >= 0.5
     np.testing.assert_array_equal(cropped, reference)

@@ -3,6 +3,7 @@ averaging) and of the authors' code (unfold + pool), and the shift property that
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import numpy as np
 from PIL import Image
 
-from patchcore_core import backbone, features, preprocess
+from patchcore_core import backbone, coreset, features, preprocess
 from patchcore_core.spec import ModelSpec
 
 
@@ -247,3 +248,137 @@ def test_embed_rejects_wrong_image_shape() -> None:
         features.embed(
             extractor, torch.zeros(3, 64, 64), ModelSpec(backbone="resnet18", layers=("layer1",))
         )
+
+
+# --------------------------------------------------------------------------- low-rank storage
+
+
+def _pairwise(rows: torch.Tensor) -> torch.Tensor:
+    """(n, d) -> (n, n) float64 Euclidean distances."""
+    rows = rows.double()
+    return torch.cdist(rows, rows)
+
+
+def _low_rank_and_full(spec: ModelSpec, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, f): the stored low-rank features and the D-dim ones of the same images, one backbone."""
+    extractor = backbone.load_backbone(spec)
+    full_spec = dataclasses.replace(spec, low_rank=False)
+    return features.embed(extractor, images, spec), features.embed(extractor, images, full_spec)
+
+
+def test_channel_map_of_two_and_three_channels_at_d8_is_the_hand_computed_rank_5_matrix() -> None:
+    # Adaptive pooling of K values to 8 bins: bin i averages [floor(iK/8), ceil((i+1)K/8)).
+    # Layer 1 (2 channels): channel 0 in bins 0-3, channel 1 in 4-7. Layer 2 (3 channels):
+    # [e0, e0, (e0+e1)/2, e1, e1, (e1+e2)/2, e2, e2]. The 16 concatenated bins pooled to 8
+    # average pairs, so M = blockdiag(A, B) with rank 2 + 3 = 5.
+    A = [[1, 0], [1, 0], [0, 1], [0, 1]]
+    B = [[1, 0, 0], [0.25, 0.75, 0], [0, 0.75, 0.25], [0, 0, 1]]
+    expected = torch.zeros(8, 5, dtype=torch.float64)
+    expected[:4, :2], expected[4:, 2:] = torch.tensor(A), torch.tensor(B, dtype=torch.float64)
+    torch.testing.assert_close(features.channel_map((2, 3), 8), expected, atol=1e-15, rtol=0)
+    factors = features.low_rank_factors((2, 3), 8)
+    assert factors is not None and factors.rank == 5
+    # (2, 12) at D = 8: layer 1 keeps 2 directions (4 bins), layer 2's 12 channels fall into 4 bins
+    # of 3-4 channels: rank 2 + 4 = 6, below both C = 14 and D = 8.
+    factors = features.low_rank_factors((2, 12), 8)
+    assert factors is not None and factors.rank == 6
+
+
+@pytest.mark.parametrize(("channels", "embed_dim"), [((2, 3), 8), ((2, 12), 8), ((40, 112), 1024)])
+def test_low_rank_factors_are_an_exact_factorisation_with_an_orthonormal_basis(
+    channels: tuple[int, ...], embed_dim: int
+) -> None:
+    matrix = features.channel_map(channels, embed_dim)
+    factors = features.low_rank_factors(channels, embed_dim)
+    assert factors is not None
+    r = factors.rank
+    assert factors.basis.shape == (embed_dim, r) and factors.coefficients.shape == (r, sum(channels))
+    assert r == torch.linalg.matrix_rank(matrix)
+    torch.testing.assert_close(factors.basis @ factors.coefficients, matrix, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        factors.basis.T @ factors.basis, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+def test_wide_resnet_like_maps_with_c_at_least_d_keep_width_d() -> None:
+    # 512 + 1024 channels pooled to 1024: M has full rank D, nothing narrower is exact.
+    assert features.low_rank_factors((512, 1024), 1024) is None
+    spec = ModelSpec(backbone="wide_resnet50_2", weights="none")
+    assert spec.low_rank and features.feature_width(spec) == 1024
+    assert features.stored_factors(spec) is None
+
+
+def test_feature_width_is_the_rank_only_for_the_low_rank_paper_aggregation() -> None:
+    spec = ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"))
+    assert (spec.embed_dim, features.feature_width(spec)) == (1024, 152)  # 40 + 112 channels
+    for other in (dataclasses.replace(spec, low_rank=False),
+                  dataclasses.replace(spec, aggregation="authors")):
+        assert features.feature_width(other) == 1024 and features.stored_factors(other) is None
+    assert features.feature_width(dataclasses.replace(spec, embed_dim=128)) == 104
+
+
+@pytest.mark.parametrize(
+    ("shapes", "patch_size", "embed_dim"),
+    [
+        ([(3, 8, 8), (5, 4, 4)], 3, 64),  # C = 8 < D: rank 8
+        ([(3, 6, 10), (5, 3, 5)], 3, 12),  # non-square, resize factors not integers
+        ([(2, 5, 7), (12, 3, 4)], 5, 8),  # rank 6 < C, D; layer 2 mapped before its resize
+    ],
+)
+def test_low_rank_features_map_back_onto_the_d_dim_features(
+    shapes: list, patch_size: int, embed_dim: int
+) -> None:
+    generator = torch.Generator().manual_seed(4)
+    maps = [torch.randn(2, *shape, generator=generator) for shape in shapes]
+    factors = features.low_rank_factors(tuple(s[0] for s in shapes), embed_dim)
+    assert factors is not None
+    low = features.low_rank_patch_features(maps, patch_size, factors.coefficients)
+    full = features.patch_features(maps, patch_size, embed_dim, aggregation="paper")
+    assert low.shape == (*full.shape[:3], factors.rank) and low.dtype == torch.float32
+    torch.testing.assert_close((low.double() @ factors.basis.T).float(), full, atol=1e-5, rtol=0)
+
+
+def test_low_rank_distances_equal_d_dim_distances_with_imagenet_weights() -> None:
+    # efficientnet_lite0 with its packaged ImageNet weights on two real textures, D = 1024.
+    from skimage import data
+
+    spec = ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=96,
+                     crop=96, embed_dim=1024)  # fmt: skip
+    images = torch.stack([
+        preprocess.to_tensor(Image.fromarray(np.repeat(texture[200:296, 200:296, None], 3, 2)),
+                             96, 96)
+        for texture in (data.gravel(), data.brick())
+    ])  # fmt: skip
+    low, full = _low_rank_and_full(spec, images)
+    assert low.shape == (2, 12, 12, 152) and full.shape == (2, 12, 12, 1024)
+    expected = _pairwise(full.reshape(-1, 1024))
+    # float32 rounding of the two paths, relative to the distance scale
+    tolerance = 1e-6 * float(expected.max())
+    assert float((_pairwise(low.reshape(-1, 152)) - expected).abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("embed_dim", [128, 1024])
+def test_low_rank_distances_equal_d_dim_distances_with_random_weights(embed_dim: int) -> None:
+    spec = ModelSpec(backbone="efficientnet_lite0", weights="none", layers=("blocks.2", "blocks.4"),
+                     resize=64, crop=64, embed_dim=embed_dim)  # fmt: skip
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    low, full = _low_rank_and_full(spec, images)
+    width = features.feature_width(spec)
+    assert width < embed_dim and low.shape == (2, 8, 8, width)
+    expected = _pairwise(full.reshape(-1, embed_dim))
+    tolerance = 1e-6 * float(expected.max())
+    assert float((_pairwise(low.reshape(-1, width)) - expected).abs().max()) <= tolerance
+
+
+def test_coreset_projection_of_low_rank_features_equals_projection_of_d_dim_features() -> None:
+    spec = ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"), embed_dim=256)
+    factors = features.stored_factors(spec)
+    assert factors is not None
+    z = torch.randn(50, factors.rank, generator=torch.Generator().manual_seed(6))
+    f = (z.double() @ factors.basis.T).float()  # the D-dim features these coordinates stand for
+    low = z @ features.coreset_projection(spec, 128, seed=3)
+    full = f @ coreset.projection_matrix(256, 128, seed=3)
+    assert features.coreset_projection(spec, 128, seed=3).shape == (factors.rank, 128)
+    torch.testing.assert_close(low, full, atol=1e-4, rtol=1e-5)
+    wide = dataclasses.replace(spec, low_rank=False)
+    assert torch.equal(features.coreset_projection(wide, 128, 3), coreset.projection_matrix(256, 128, 3))

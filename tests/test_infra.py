@@ -171,6 +171,33 @@ def _extras(text: str) -> set[str]:
     return {e.strip() for e in text.split(",") if e.strip()}
 
 
+def _closure(extras: set[str], optional: dict[str, list[str]]) -> set[str]:
+    """Requirement names the extras install, following `patchcore-at-scale[...]` self-references."""
+    names: set[str] = set()
+    todo = list(extras)
+    while todo:
+        for text in optional[todo.pop()]:
+            req = Requirement(text)
+            if req.name == "patchcore-at-scale":
+                todo += sorted(req.extras)
+            else:
+                names.add(req.name)
+    return names
+
+
+def test_every_install_gets_exactly_one_faiss() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = pyproject["optional-dependencies"]
+    assert not [r for r in pyproject["dependencies"] if Requirement(r).name.startswith("faiss")]
+    faiss_of = {extra: {n for n in _closure({extra}, optional) if n.startswith("faiss")}
+                for extra in optional}
+    assert faiss_of["cpu"] == {"faiss-cpu"} and faiss_of["gpu"] == {"faiss-gpu-cu12"}
+    assert faiss_of["dev"] == {"faiss-cpu"}  # `pip install -e '.[dev]'`: CPU machines and CI
+    assert faiss_of["test"] == set()  # `.[gpu,test]` on GPU machines
+    assert all(len(found) <= 1 for found in faiss_of.values()), faiss_of
+
+
 def test_dockerfile_installs_the_project_with_the_readmes_extras_plus_gpu() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -180,18 +207,15 @@ def test_dockerfile_installs_the_project_with_the_readmes_extras_plus_gpu() -> N
     cpu, gpu = _extras(args["CPU_EXTRAS"]), _extras(args["GPU_EXTRAS"])
     readme = re.findall(r"pip install -e '\.\[([^\]]*)\]'", (ROOT / "README.md").read_text())
     assert readme, "README.md lost its `pip install -e '.[...]'` line"
-    runtime = set().union(*map(_extras, readme)) - {"dev"}  # test tools stay out of the image
+    # test tools stay out of the image; `dev` = `cpu` + test tools
+    runtime = set().union(*map(_extras, readme)) - {"dev", "test"}
     assert (cpu | gpu) <= declared
-    assert runtime <= cpu and gpu == cpu | {"gpu"}
-    # pip installs the project, plus (GPU) a reinstall of faiss-gpu at the version it resolved:
-    # every pin comes from pyproject.toml
+    assert runtime <= cpu and "cpu" in cpu and gpu == (cpu - {"cpu"}) | {"gpu"}
+    # one pip install, every pin from pyproject.toml; the gpu extra alone brings faiss
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     installs = re.findall(r"pip install ([^;\n\\]*)", code)
-    faiss_gpu = [Requirement(r).name for r in pyproject["optional-dependencies"]["gpu"]
-                 if Requirement(r).name.startswith("faiss")]
-    assert faiss_gpu == ["faiss-gpu-cu12"]
-    assert installs == ['--no-cache-dir $index "$target"',
-                        '--no-cache-dir --no-deps --force-reinstall "faiss-gpu-cu12==$faiss_gpu"'], installs
+    assert installs == ['--no-cache-dir $index "$target"'], installs
+    assert "uninstall" not in code
     assert 'target=".[$extras]"' in text and 'target="."' in text
     # the base image's Python satisfies requires-python
     version = args["PYTHON_VERSION"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -18,12 +19,15 @@ import torch
 
 from jobs import coreset as coreset_job
 from patchcore_core import coreset, storage
+from patchcore_core.features import coreset_projection, feature_width, stored_factors
 from patchcore_core.spec import ModelSpec
 
 SPEC = ModelSpec(
     backbone="efficientnet_lite0", weights="none", layers=("blocks.2", "blocks.4"),
     resize=64, crop=64, embed_dim=32,
 )
+# embed_dim 256 with 40 + 112 channels: features stored as 152 low-rank coordinates
+LOW_RANK_SPEC = dataclasses.replace(SPEC, embed_dim=256)
 SHARD_ROWS = (500, 700, 0, 300, 500)  # an empty shard too; 2000 patches
 PROJECTION_DIM = 8
 RATIO = 0.05  # 100 greedy steps
@@ -36,13 +40,14 @@ def _provenance(row: int) -> tuple[str, int, int]:
     return f"img-{row // 64:04d}.png", (row % 64) // 8, row % 8
 
 
-def make_feature_store(uri: str, seed: int = 0) -> torch.Tensor:
-    """Write a clustered float16 feature store; returns its (N, D) rows as float32, shard order.
+def make_feature_store(uri: str, seed: int = 0, spec: ModelSpec = SPEC) -> torch.Tensor:
+    """Write a clustered float16 feature store; returns its (N, W) rows as float32, shard order
+    (W = feature_width(spec)).
 
     The last shard repeats rows of the first one, so exact ties cross actor boundaries.
     """
     rng = np.random.default_rng(seed)
-    num_rows, dim = sum(SHARD_ROWS), SPEC.embed_dim
+    num_rows, dim = sum(SHARD_ROWS), feature_width(spec)
     centres = rng.standard_normal((16, dim)) * 4
     rows = centres[rng.integers(0, 16, num_rows)] + rng.standard_normal((num_rows, dim))
     rows[-200:] = rows[:200]  # duplicates in shard 4 of rows in shard 0
@@ -59,21 +64,22 @@ def make_feature_store(uri: str, seed: int = 0) -> torch.Tensor:
         )
         shards.append({"file": name, "rows": count})
         lo += count
-    manifest = {"spec": SPEC.to_json(), "embed_dim": dim, "dtype": "float16", "shards": shards}
+    manifest = {"spec": spec.to_json(), "embed_dim": spec.embed_dim, "feature_width": dim,
+                "dtype": "float16", "shards": shards}
     storage.write_manifest(uri, manifest, kind="features")
     return features
 
 
-def reference(features: torch.Tensor, seed: int = 0) -> coreset.CoresetResult:
+def reference(features: torch.Tensor, seed: int = 0, spec: ModelSpec = SPEC) -> coreset.CoresetResult:
     """Single-process greedy on the whole projected matrix (the contract of the job)."""
-    projected = features @ coreset.projection_matrix(features.shape[1], PROJECTION_DIM, seed)
+    projected = features @ coreset_projection(spec, PROJECTION_DIM, seed)
     num_samples = coreset.coreset_size(len(features), RATIO, None)
     return coreset.greedy_coreset(projected, num_samples, start=coreset.first_index(len(features), seed))
 
 
-def bank_rows(uri: str) -> tuple[list[int], storage.Bank]:
+def bank_rows(uri: str, spec: ModelSpec = SPEC) -> tuple[list[int], storage.Bank]:
     """Global rows of a bank's entries, recovered from their provenance."""
-    bank = storage.load_bank(uri, expected_spec=SPEC)
+    bank = storage.load_bank(uri, expected_spec=spec)
     where = {_provenance(r): r for r in range(sum(SHARD_ROWS))}
     rows = [where[(i, int(y), int(x))] for i, y, x in zip(bank.image_ids, bank.ys, bank.xs)]
     return rows, bank
@@ -137,6 +143,35 @@ def test_job_selects_single_process_greedy_indices(
     assert math.isclose(bank.coverage_radius, expected.radius, rel_tol=1e-6)
     assert bank.projection_seed == 0
     assert not storage.exists(storage.join_uri(out, coreset_job.CHECKPOINT))
+
+
+def test_job_on_a_low_rank_store_selects_the_d_dim_coreset(tmp_path: Path, ray_local: None) -> None:
+    # Each actor projects the 152 stored coordinates z with basis^T ψ, so the selection is the
+    # one ψ gives the D-dim features basis @ z (the single-process fit does the same).
+    uri = str(tmp_path / "features")
+    stored = make_feature_store(uri, seed=2, spec=LOW_RANK_SPEC)
+    assert stored.shape[1] == 152
+    out = str(tmp_path / "bank")
+    coreset_job.main(job_args(uri, out, 2))
+    rows, bank = bank_rows(out, LOW_RANK_SPEC)
+    assert rows == reference(stored, seed=0, spec=LOW_RANK_SPEC).indices.tolist()
+    wide = (stored.double() @ stored_factors(LOW_RANK_SPEC).basis.T).float()  # (N, 256)
+    wide_projected = wide @ coreset.projection_matrix(256, PROJECTION_DIM, 0)
+    wide_selection = coreset.greedy_coreset(
+        wide_projected, len(rows), start=coreset.first_index(len(stored), 0)
+    )
+    assert rows == wide_selection.indices.tolist()
+    torch.testing.assert_close(bank.features, stored[rows], rtol=0, atol=0)
+
+
+def test_feature_store_of_another_width_than_its_spec_is_refused(tmp_path: Path) -> None:
+    uri = str(tmp_path / "features")
+    make_feature_store(uri, spec=SPEC)  # 32 wide
+    manifest = json.loads((tmp_path / "features" / "manifest.json").read_text())
+    manifest["spec"] = LOW_RANK_SPEC.to_json()  # stores 152-wide features
+    (tmp_path / "features" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="32 wide but its spec stores 152-wide.*patchcore extract"):
+        coreset_job.read_feature_store(uri, {})
 
 
 def test_rerun_without_overwrite_is_noop(local_bank: Path, local_store: tuple[str, torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ plans that would starve the decode stage refused instead of hanging."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -18,9 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import _cli, _shards, cli, extract, fit, score
-from jobs._shards import input_root, make_shards, relative_key, safe_relative_path
-from patchcore_core import backbone, model, preprocess, storage
+from jobs import cli, extract, fit, score
+from jobs import cluster as _shards
+from jobs import config as _cli
+from jobs.folders import input_root, make_shards, map_uri, relative_key, safe_relative_path
+from patchcore_core import backbone, knn, model, preprocess, storage
 from patchcore_core.bank import Bank
 from patchcore_core.spec import ModelSpec
 
@@ -192,13 +195,13 @@ def test_score_equals_single_process_predict(local_results: Path, local_bank: Pa
     bank = storage.load_bank(str(local_bank))
     assert [r["anomalous"] for r in rows] == [r["score"] > bank.image_threshold for r in rows]
     for row, ref_map in zip(rows, reference.maps):
-        raw = np.load(score.map_uri(str(local_results), manifest, row["uri"], "raw"))
+        raw = np.load(map_uri(str(local_results), relative_key(row["uri"], manifest["input_root"]), "raw"))
         assert raw.dtype == np.float16 and raw.shape == (SPEC.crop, SPEC.crop)
         np.testing.assert_allclose(raw.astype(np.float32), ref_map.numpy(), rtol=1e-3, atol=1e-3)
         with Image.open(row["uri"]) as image:
             assert (row["width"], row["height"]) == image.size
-        heat = np.asarray(Image.open(score.map_uri(str(local_results), manifest, row["uri"], "png")))
-        mask = np.asarray(Image.open(score.map_uri(str(local_results), manifest, row["uri"], "mask")))
+        heat = np.asarray(Image.open(map_uri(str(local_results), relative_key(row["uri"], manifest["input_root"]), "png")))
+        mask = np.asarray(Image.open(map_uri(str(local_results), relative_key(row["uri"], manifest["input_root"]), "mask")))
         assert heat.shape == mask.shape == (row["height"], row["width"]) and heat.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
         # fixed range: the pixel threshold sits at 127.5, so mask pixels are exactly those >= 128
@@ -306,7 +309,7 @@ def test_extract_with_all_cpus_for_actors_runs_or_is_refused_never_hangs(
 _REFAULTS = """
 import resource, sys
 import numpy as np
-from jobs._ray import keep_freed_memory
+from jobs.cluster import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 np.ones(8 << 20)  # 64 MiB written, then freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -335,6 +338,42 @@ def test_score_refuses_png_maps_without_a_pixel_threshold(dataset: Path, tmp_pat
     storage.save_bank(str(tmp_path / "bank"), bank)
     with pytest.raises(ValueError, match="--no-maps"):
         run_score(str(tmp_path / "bank"), str(dataset / "test"), str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_score_ivf_flat_records_engine_and_recall_in_the_manifest(
+    local_results: Path, local_bank: Path, dataset: Path, tmp_path: Path
+) -> None:
+    exact = storage.read_manifest(str(local_results), "results")["knn"]
+    assert exact["engine"] == "faiss-cpu-exact" and exact["recall"] is None
+    out = tmp_path / "ivf"
+    status = run_score(str(local_bank), str(dataset / "test"), str(out), "--no-maps",
+                       "--knn", "ivf-flat", "--knn-nlist", "2", "--knn-nprobe", "1")
+    assert status == 2  # the two unreadable inputs
+    summary = storage.read_manifest(str(out), "results")["knn"]
+    assert summary["method"] == "ivf-flat" and summary["engine"] == "faiss-cpu-ivf-flat"
+    assert summary["params"]["nlist"] == 2 and summary["params"]["nprobe"] == 1
+    recall = summary["recall"]
+    # one actor, whose first batch holds readable images: up to RECALL_IMAGES x 8 x 8 patches
+    assert recall["measurements"] == 1 and 0 < recall["num_queries"] <= score.RECALL_IMAGES * 64
+    assert recall["recall_at_1"] == recall["hits"] / recall["num_queries"]
+    assert 0.0 <= recall["recall_at_1"] <= 1.0 and recall["distance_ratio_mean"] >= 1.0
+    assert len(recall["images"]) >= 1
+    # scores are those of the same index in the single-process model
+    rows = read_scores(str(out))
+    patchcore = model.load(str(local_bank))
+    patchcore.index = knn.build_index(patchcore.bank.features, "cpu",
+                                      knn.KnnOptions(method="ivf-flat", nlist=2, nprobe=1))
+    reference = model.predict(patchcore, model.load_images([r["uri"] for r in rows], SPEC))
+    np.testing.assert_allclose([r["score"] for r in rows], reference.scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_score_refuses_knn_parameters_that_do_not_fit_the_bank(local_bank: Path, dataset: Path,
+                                                               tmp_path: Path) -> None:
+    entries = storage.read_manifest(str(local_bank), "bank")["counts"]["num_entries"]
+    with pytest.raises(ValueError, match=rf"nlist must be <= the bank's {entries} entries"):
+        run_score(str(local_bank), str(dataset / "test"), str(tmp_path / "r"), "--knn", "ivf-flat",
+                  "--knn-nlist", str(entries + 1))
     assert not (tmp_path / "r").exists()
 
 
@@ -367,7 +406,7 @@ def test_rerun_redoes_only_the_uncommitted_shard(
     (out / "scores" / "part-00000.parquet").unlink()
     shard0 = [r["uri"] for r in first[:4]]
     for uri in shard0[:2]:
-        Path(score.map_uri(str(out), manifest, uri, "png")).unlink()
+        Path(map_uri(str(out), relative_key(uri, manifest["input_root"]), "png")).unlink()
     (out / "_job.json").write_text(json.dumps(manifest["identity"], sort_keys=True))
     before = mtimes(out)
     assert run_score(str(local_bank), str(dataset / "test"), str(out)) == 2
@@ -405,7 +444,7 @@ def test_fit_and_score_on_s3_match_local(
     for row in rows:
         assert row["uri"].startswith(f"{root}/test/")
         for kind in ("png", "mask", "raw"):
-            assert storage.exists(score.map_uri(f"{root}/results", manifest, row["uri"], kind))
+            assert storage.exists(map_uri(f"{root}/results", relative_key(row["uri"], manifest["input_root"]), kind))
     text = json.dumps(manifest)
     assert "testing" not in text  # the moto credentials never reach an artifact
 
@@ -425,9 +464,9 @@ def test_full_frame_fit_and_score_cover_every_input_pixel(
     reference = model.predict(model.load(str(bank)), model.load_images([r["uri"] for r in rows], spec))
     np.testing.assert_allclose([r["score"] for r in rows], reference.scores.numpy(), rtol=1e-5, atol=1e-5)
     for row, ref_map in zip(rows, reference.maps):
-        raw = np.load(score.map_uri(str(out), manifest, row["uri"], "raw")).astype(np.float32)
+        raw = np.load(map_uri(str(out), relative_key(row["uri"], manifest["input_root"]), "raw")).astype(np.float32)
         np.testing.assert_allclose(raw, ref_map.numpy(), rtol=1e-3, atol=1e-3)
-        heat = np.asarray(Image.open(score.map_uri(str(out), manifest, row["uri"], "png")))
+        heat = np.asarray(Image.open(map_uri(str(out), relative_key(row["uri"], manifest["input_root"]), "png")))
         expected = preprocess.uncrop_map(ref_map, row["width"], row["height"], spec.resize, spec.crop,
                                          frame="full")
         # every input pixel, the outermost rows and columns included, carries the map
@@ -435,3 +474,31 @@ def test_full_frame_fit_and_score_cover_every_input_pixel(
         np.testing.assert_allclose(heat.astype(np.float32),
                                    score.heatmap_pixels(expected, storage.load_bank(str(bank)).pixel_threshold),
                                    atol=1)
+
+
+def test_low_rank_fit_and_score_match_single_process_and_store_the_rank(
+    ray_local: None, dataset: Path, tmp_path: Path
+) -> None:
+    # --embed-dim 256 with 40 + 112 channels: extract stores 152-wide features, the coreset
+    # actors project them with basis^T ψ, score searches 152-wide; all as model.py does.
+    torch.set_num_threads(1)
+    spec = dataclasses.replace(SPEC, embed_dim=256)
+    bank_uri, out = tmp_path / "bank", tmp_path / "results"
+    argv = ["--train", str(dataset / "train"), "--out", str(bank_uri), *MODEL_FLAGS,
+            *PIPELINE_FLAGS, *FIT_FLAGS, "--embed-dim", "256"]
+    assert fit.run(_cli.parse_config(fit.FitConfig, argv)) == 0
+    store = storage.read_manifest(str(bank_uri / fit.FEATURES_DIR), "features")
+    assert (store["embed_dim"], store["feature_width"]) == (256, 152)
+    bank = storage.load_bank(str(bank_uri), spec)
+    assert bank.features.shape[1] == 152
+    uris = storage.list_images(str(dataset / "train"))
+    train, held_out = fit.split_calibration(uris, 0.25, 200)
+    reference = model.fit(model.load_images(train, spec), spec, ratio=0.1, seed=0,
+                          calibration_images=model.load_images(held_out, spec),
+                          target_fpr=0.01, image_ids=train).bank
+    assert bank.image_ids == reference.image_ids
+    torch.testing.assert_close(bank.features, reference.features, rtol=1e-5, atol=1e-5)
+    assert run_score(str(bank_uri), str(dataset / "test" / "bad"), str(out)) == 0
+    rows = read_scores(str(out))
+    expected = model.predict(model.load(str(bank_uri)), model.load_images([r["uri"] for r in rows], spec))
+    np.testing.assert_allclose([r["score"] for r in rows], expected.scores.numpy(), rtol=1e-5, atol=1e-5)

@@ -75,3 +75,28 @@ def test_importing_core_package_does_not_import_ray() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+JOB_MODULES = sorted((ROOT / "jobs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", JOB_MODULES, ids=lambda p: p.name)
+def test_job_module_reaches_storage_only_through_the_core(path: Path) -> None:
+    """jobs/ reads and writes through patchcore_core.storage: one URL-to-filesystem boundary, so
+    credentials, retries and atomic writes are handled in one place."""
+    roots = _imported_roots(path)
+    assert not roots & IO_LIBS, f"jobs/{path.name} imports {sorted(roots & IO_LIBS)}"
+
+
+@pytest.mark.parametrize("path", JOB_MODULES, ids=lambda p: p.name)
+def test_job_module_imports_no_private_module(path: Path) -> None:
+    """Modules that other files import have public names (no `jobs._x` grab-bags)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    private = [
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jobs")
+        for name in [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        if any(part.startswith("_") and part != "__main__" for part in name.split(".")[1:])
+    ]
+    assert not private, f"jobs/{path.name} imports private modules {private}"

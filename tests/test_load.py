@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import _cli, score
+from jobs import score
+from jobs import config as _cli
 from patchcore_core import model, preprocess, storage
 from patchcore_core.spec import ModelSpec
 

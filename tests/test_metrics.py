@@ -154,28 +154,6 @@ def test_curves_memory_does_not_grow_with_image_count_or_size() -> None:
         assert getattr(one, field).shape == getattr(many, field).shape == (BINS,)
 
 
-@pytest.mark.parametrize("num_shards", [1, 3])
-def test_merged_curves_of_split_images_equal_curves_of_all_images(num_shards: int) -> None:
-    images = make_images(0) + make_images(1)
-    whole = curves_of(images)
-    shards = [curves_of(images[i::num_shards]) for i in range(num_shards)]
-    merged = shards[0]
-    for shard in shards[1:]:
-        merged = metrics.merge_pixel_curves(shard, merged)
-    for field in ("negatives", "positives", "region_overlap"):
-        assert torch.equal(getattr(merged, field), getattr(whole, field))
-    assert merged.num_regions == whole.num_regions
-    assert metrics.pixel_auroc(merged) == metrics.pixel_auroc(whole)
-    assert metrics.pro_auc(merged) == metrics.pro_auc(whole)
-
-
-def test_merge_rejects_different_bins() -> None:
-    with pytest.raises(ValueError, match="different bins"):
-        metrics.merge_pixel_curves(
-            metrics.new_pixel_curves(0, 1, 10), metrics.new_pixel_curves(0, 2, 10)
-        )
-
-
 def test_pixel_metrics_need_both_classes() -> None:
     curves = curves_of([(np.zeros((4, 4), np.float32), np.zeros((4, 4), bool))])
     with pytest.raises(ValueError, match="0 defect pixels"):

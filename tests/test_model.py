@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import patchcore_core as pc
-from patchcore_core import coreset, model, storage
+from patchcore_core import coreset, features, model, storage
 
 SIZE = 96  # images are generated at the crop size, so masks need no geometry change
 SPEC = pc.ModelSpec(
@@ -275,3 +275,40 @@ def test_load_images_rejects_empty_corrupt_and_truncated_files_naming_the_uri(
 def test_predict_rejects_images_of_the_wrong_size(fitted: pc.PatchCore) -> None:
     with pytest.raises(ValueError, match="crop=96"):
         pc.predict(fitted, torch.zeros(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("embed_dim", [256, 1024])
+def test_low_rank_fit_selects_the_same_coreset_and_predicts_the_same_as_d_dim(
+    data: dict, embed_dim: int, tmp_path: Path
+) -> None:
+    # efficientnet_lite0's 40 + 112 channels make every D-dim feature one of a 152-dim subspace:
+    # stored low-rank, distances are the same, so are coreset, scores, maps and thresholds.
+    wide_spec = dataclasses.replace(SPEC, embed_dim=embed_dim, low_rank=False)
+    low_spec = dataclasses.replace(wide_spec, low_rank=True)
+    fits = {
+        spec.low_rank: pc.fit(data["train"], spec, ratio=RATIO, seed=0,
+                              calibration_images=data["calibration"], target_fpr=TARGET_FPR,
+                              image_ids=data["train_uris"])
+        for spec in (wide_spec, low_spec)
+    }  # fmt: skip
+    wide, low = fits[False].bank, fits[True].bank
+    assert (wide.features.shape[1], low.features.shape[1]) == (embed_dim, 152)
+    assert low.image_ids == wide.image_ids  # same patches, in the same greedy order
+    assert torch.equal(low.ys, wide.ys) and torch.equal(low.xs, wide.xs)
+    assert low.coverage_radius == pytest.approx(wide.coverage_radius, rel=1e-5)
+    basis = features.stored_factors(low_spec).basis  # f = basis @ z
+    torch.testing.assert_close((low.features.double() @ basis.T).float(), wide.features,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+    uri = str(tmp_path / "bank")
+    pc.save(fits[True], uri)
+    assert storage.read_manifest(uri, "bank")["counts"] == {
+        "num_entries": low.size, "embed_dim": embed_dim, "feature_width": 152,
+    }  # fmt: skip
+    loaded = pc.load(uri, expected_spec=low_spec)
+    before, after = pc.predict(fits[False], data["test"]), pc.predict(loaded, data["test"])
+    np.testing.assert_allclose(after.scores.numpy(), before.scores.numpy(), rtol=1e-4, atol=0)
+    scale = float(before.maps.max())
+    np.testing.assert_allclose(after.maps.numpy(), before.maps.numpy(), rtol=0, atol=1e-4 * scale)
+    assert low.image_threshold == pytest.approx(wide.image_threshold, rel=1e-4)
+    assert low.pixel_threshold == pytest.approx(wide.pixel_threshold, rel=1e-4)

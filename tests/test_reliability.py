@@ -30,9 +30,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import _cli, _lock, cli, extract, fit, score
-from jobs._lock import FolderLockedError, RunLock
-from jobs._shards import OutputFolder
+from jobs import cli, extract, fit, score
+from jobs import config as _cli
+from jobs import lock as _lock
+from jobs.lock import FolderLockedError, RunLock
+from jobs.folders import OutputFolder
 from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.spec import ModelSpec
 

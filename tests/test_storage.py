@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -313,10 +314,31 @@ def test_bank_files_are_plain_npy_parquet_and_json(tmp_path: Path) -> None:
     assert provenance.column("image_id").to_pylist() == list(bank.image_ids)
     manifest = json.loads((uri / "manifest.json").read_text())
     assert manifest["kind"] == "bank" and manifest["spec"] == SPEC.to_json()
-    assert manifest["counts"] == {"num_entries": 12, "embed_dim": SPEC.embed_dim}
+    assert manifest["counts"] == {
+        "num_entries": 12, "embed_dim": SPEC.embed_dim, "feature_width": SPEC.embed_dim,
+    }  # fmt: skip
     assert manifest["projection_seed"] == 0 and manifest["coverage_radius"] == 1.25
     assert {"torch", "numpy", "patchcore-at-scale"} <= set(manifest["versions"])
     assert any(name.startswith("faiss") for name in manifest["versions"])
+
+
+def test_bank_written_before_low_rank_storage_loads_by_its_embed_dim(tmp_path: Path) -> None:
+    # Such manifests have a version-2 spec and counts without feature_width.
+    old_spec = dataclasses.replace(SPEC, low_rank=False)
+    uri = tmp_path / "bank"
+    storage.save_bank(str(uri), _bank(spec=old_spec))
+    manifest = json.loads((uri / "manifest.json").read_text())
+    del manifest["counts"]["feature_width"], manifest["spec"]["low_rank"]
+    manifest["spec"]["spec_version"] = 2
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    loaded = storage.load_bank(str(uri))
+    assert loaded.spec == old_spec and loaded.features.shape == (30, SPEC.embed_dim)
+
+
+def test_bank_of_another_width_than_its_spec_stores_is_refused() -> None:
+    spec = dataclasses.replace(SPEC, embed_dim=256)  # efficientnet_lite0: stored 152 wide
+    with pytest.raises(ValueError, match="are 256 wide but the spec stores 152-wide"):
+        _bank(spec=spec)
 
 
 def test_load_bank_with_other_spec_names_both_specs(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ class FolderLockedError(FileExistsError):
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,6 +47,7 @@ def _stale_reason(holder: dict[str, Any] | None, now: float) -> str | None:
     if age > LOCK_LEASE_S:
         return f"its last heartbeat is {age:.0f} s old (lease {LOCK_LEASE_S:.0f} s)"
     pid = int(holder.get("pid", 0))
+    # a pid means something only on the host that wrote it; elsewhere only the lease decides
     if holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid):
         return f"its process {pid} on this host is gone"
     return None
@@ -60,6 +62,7 @@ def _parse_lock(data: bytes) -> dict[str, Any] | None:
     if not isinstance(holder, dict) or "run_id" not in holder:
         return None
     numbers = (holder.get("heartbeat", 0), holder.get("started", 0), holder.get("pid", -1))
+    # bool is an int subclass: a hand-edited `true` must not pass as a timestamp or pid
     if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
         return None
     return holder
@@ -73,6 +76,9 @@ class RunLock:
     gone on this host) is taken over by compare-and-swap, so two runs cannot both take it over.
     A daemon thread renews the heartbeat every LOCK_HEARTBEAT_S, again by compare-and-swap;
     `verify` (before each commit) raises FolderLockedError if another run holds the file.
+
+    uri: the lock file, `<out>/_lock.json`; nothing is written before `acquire`. The file holds
+    JSON {run_id, host, pid, started, heartbeat} (times in Unix seconds).
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
@@ -87,11 +93,13 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def _new_body(self) -> bytes:
+        """The lock file's bytes with a fresh heartbeat; compared byte for byte by the swaps."""
         body = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "started": self._started, "heartbeat": time.time()}
         return json.dumps(body, sort_keys=True).encode("utf-8")
 
     def _refusal(self, holder: dict[str, Any]) -> FolderLockedError:
+        """The error for a folder that the live run `holder` writes: who, since when, what to do."""
         age = time.time() - float(holder.get("heartbeat", 0))
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
         return FolderLockedError(
@@ -104,14 +112,18 @@ class RunLock:
         )
 
     def acquire(self) -> None:
-        """Take the lock or raise FolderLockedError naming the run that holds it."""
+        """Take the lock or raise FolderLockedError naming the run that holds it.
+
+        Writes `uri` (or takes over a dead run's lock, logged as a warning) and starts the
+        heartbeat thread. Also FolderLockedError when 5 attempts all lose races to other runs.
+        """
         body = self._new_body()
         for _ in range(5):  # the holder may release between our create and our read
             if storage.create_exclusive(self.uri, body, self.options):
                 break
             try:
                 current = storage.read_bytes(self.uri, self.options)
-            except FileNotFoundError:
+            except FileNotFoundError:  # released after our create failed: try to create again
                 continue
             holder = _parse_lock(current)
             reason = _stale_reason(holder, time.time())
@@ -128,6 +140,8 @@ class RunLock:
         self._thread.start()
 
     def _heartbeat(self) -> None:
+        """Thread body: renew the lock every LOCK_HEARTBEAT_S until released; if the swap finds
+        another body, record why in `_lost` (for `verify`) and stop renewing."""
         while not self._stop.wait(LOCK_HEARTBEAT_S):
             with self._mutex:
                 if self._stop.is_set() or self._body is None:

@@ -1,0 +1,171 @@
+"""The jobs on a 3-node Ray (head without CPUs + two 1-CPU workers, `ray.cluster_utils.Cluster`):
+model and coreset actors land on both workers and the results equal the single-process reference
+(DESIGN.md §6-§7). One cluster for the module (~15 s to start); the whole module takes ~2 min."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from jobs import coreset as coreset_job
+from jobs import fit, score
+from jobs.config import parse_config
+from patchcore_core import model, storage
+from test_jobs_coreset import bank_rows, job_args, make_feature_store, reference
+from test_jobs_extract_score import MODEL_FLAGS, SPEC, make_dataset, read_scores
+
+pytestmark = pytest.mark.slow
+
+# Two 0.75-CPU model actors cannot share a 1-CPU worker: one lands on each, and each worker keeps
+# 0.25 CPU for decode tasks (cluster.DECODE_CPUS).
+MULTI_FLAGS = ["--workers", "2", "--cpus-per-worker", "0.75", "--batch-size", "2",
+               "--shard-size", "4", "--device", "cpu"]
+
+
+def worker_nodes() -> set[str]:
+    """Node ids of the alive nodes with CPUs (the two workers)."""
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0}
+
+
+def images_per_node(log_text: str, label: str) -> dict[str, int]:
+    """The per-node image counts stream_shards logged for the stage `label` (last run)."""
+    found = re.findall(rf"{label}: \d+ images in [\d.]+ s; images per Ray node: (\{{.*\}})", log_text)
+    assert found, log_text[-2000:]
+    return json.loads(found[-1])
+
+
+@pytest.fixture
+def all_actors_first(ray_cluster: object) -> object:
+    """Ray Data hands batches to the actors that are ready; wait for the whole pool first, so that
+    two 64 px images per batch reach both actors even when one loads its model sooner."""
+    context = ray.data.DataContext.get_current()
+    saved = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = 120
+    yield ray_cluster
+    context.wait_for_min_actors_s = saved
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fit_run(ray_cluster: object, dataset: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[Path, str]:
+    """A bank fitted on the cluster (extract -> coreset -> calibration), and the job's log."""
+    context = ray.data.DataContext.get_current()
+    saved, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    handler = _ListHandler()
+    logging.getLogger("jobs").addHandler(handler)
+    level = logging.getLogger("jobs").level
+    logging.getLogger("jobs").setLevel(logging.INFO)
+    try:
+        bank = tmp_path_factory.mktemp("fit") / "bank"
+        argv = ["--train", str(dataset / "train"), "--out", str(bank), *MODEL_FLAGS, *MULTI_FLAGS,
+                "--calibration-fraction", "0.25", "--ratio", "0.1", "--feature-dtype", "float32"]
+        assert fit.run(parse_config(fit.FitConfig, argv)) == 0
+    finally:
+        logging.getLogger("jobs").removeHandler(handler)
+        logging.getLogger("jobs").setLevel(level)
+        context.wait_for_min_actors_s = saved
+    return bank, "\n".join(handler.lines)
+
+
+class _ListHandler(logging.Handler):
+    """Keeps formatted records (caplog is function-scoped; the fit runs once per module)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_fit_places_extract_coreset_and_calibration_actors_on_both_workers(
+    fit_run: tuple[Path, str]
+) -> None:
+    bank_uri, log_text = fit_run
+    workers = worker_nodes()
+    extract_nodes = images_per_node(log_text, "extract")
+    assert set(extract_nodes) == workers and sum(extract_nodes.values()) == 12  # 4 held out
+    calibrate_nodes = images_per_node(log_text, "calibrate")
+    assert set(calibrate_nodes) <= workers and sum(calibrate_nodes.values()) == 4
+    coreset_info = storage.load_bank(str(bank_uri), SPEC).info["coreset"]
+    assert coreset_info["workers"] == 2 and set(coreset_info["nodes"]) == workers
+
+
+def test_fit_on_three_nodes_equals_single_process_fit(fit_run: tuple[Path, str], dataset: Path) -> None:
+    torch.set_num_threads(1)
+    uris = storage.list_images(str(dataset / "train"))
+    train, held_out = fit.split_calibration(uris, 0.25, 200)
+    expected = model.fit(model.load_images(train, SPEC), SPEC, ratio=0.1, seed=0,
+                         calibration_images=model.load_images(held_out, SPEC),
+                         target_fpr=0.01, image_ids=train).bank
+    bank = storage.load_bank(str(fit_run[0]), SPEC)
+    assert bank.image_ids == expected.image_ids
+    assert torch.equal(bank.ys, expected.ys) and torch.equal(bank.xs, expected.xs)
+    torch.testing.assert_close(bank.features, expected.features, rtol=1e-5, atol=1e-5)
+    assert bank.image_threshold == pytest.approx(expected.image_threshold, rel=1e-5)
+    assert bank.pixel_threshold == pytest.approx(expected.pixel_threshold, rel=1e-5)
+
+
+def test_score_on_both_workers_equals_single_process_predict_once_per_input(
+    fit_run: tuple[Path, str], dataset: Path, tmp_path: Path, all_actors_first: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobs")
+    out = tmp_path / "results"
+    argv = ["--bank", str(fit_run[0]), "--images", str(dataset / "test"), "--out", str(out),
+            *MULTI_FLAGS]
+    assert score.run(parse_config(score.ScoreConfig, argv)) == 2  # 2 unreadable, --max-failures 0
+    nodes = images_per_node(caplog.text, "score")
+    assert set(nodes) == worker_nodes() and sum(nodes.values()) == 10
+    rows = read_scores(str(out))
+    errors = [e["uri"] for e in storage.read_table(str(out / "errors" / "part-00001.parquet")).to_pylist()]
+    assert sorted([r["uri"] for r in rows] + errors) == storage.list_images(str(dataset / "test"))
+    torch.set_num_threads(1)
+    expected = model.predict(model.load(str(fit_run[0])), model.load_images([r["uri"] for r in rows], SPEC))
+    np.testing.assert_allclose([r["score"] for r in rows], expected.scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_coreset_ranks_spread_over_both_workers_select_single_process_indices(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "features")
+    features = make_feature_store(uri)
+    out = str(tmp_path / "bank")
+    # 3 ranks of 0.5 CPU on two 1-CPU workers: spread puts them on both (at most 2 fit on one)
+    coreset_job.main(job_args(uri, out, 3, "--placement", "spread"))
+    expected = reference(features)
+    rows, bank = bank_rows(out)
+    assert rows == expected.indices.tolist()
+    torch.testing.assert_close(bank.features, features[rows], rtol=0, atol=0)
+    assert math.isclose(bank.coverage_radius, expected.radius, rel_tol=1e-6)
+    layout = bank.info["coreset"]
+    assert layout["workers"] == 3 and set(layout["nodes"]) == worker_nodes()
+
+
+def test_coreset_ranks_that_cannot_all_be_placed_fail_naming_the_fix(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "features")
+    make_feature_store(uri)
+    # 3 ranks of 1 CPU on 2 CPUs: never all at once; no rank may start and wait on the others
+    argv = job_args(uri, str(tmp_path / "bank"), 3, "--placement-timeout-s", "2")
+    argv[argv.index("--cpus-per-worker") + 1] = "1"
+    with pytest.raises(TimeoutError, match=r"3 actors of \{'CPU': 1.0\}.*room for 2 such actors. "
+                                           r"Use --workers 2 or a smaller --cpus-per-worker"):
+        coreset_job.main(argv)
+    assert ray.available_resources().get("CPU") == 2.0  # the placement group was removed
