@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -44,7 +45,8 @@ def run(sizes: Sequence[int], dims: Sequence[int], engines: Sequence[str], threa
         intrinsic_dim: int) -> None:
     torch.set_num_threads(threads)
     print(f"threads {threads} (faiss and torch); k = 1; {PATCHES_PER_IMAGE} queries per image; "
-          f"intrinsic dim {intrinsic_dim}")
+          f"intrinsic dim {intrinsic_dim}; load average at start {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs (other work slows every row alike)")
     print("| N | D | engine | params | build s | images | search s | img/s | x flat | "
           "recall@1 | score / exact score |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--engines must start with faiss-cpu-exact (the exact reference)")
     start = time.perf_counter()
     run(args.sizes, args.dims, args.engines, args.threads, args.intrinsic_dim)
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

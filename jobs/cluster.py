@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 if TYPE_CHECKING:
     from jobs.config import ActorFlags
@@ -146,8 +147,8 @@ def resolve_resources(flags: ActorFlags, device: str) -> tuple[int, float, float
 
     Actors: --workers of --cpus-per-worker CPUs; or one per GPU; or on CPU as many as fill every
     node but DECODE_CPUS (`_auto_cpu_actors`). A decode task reserves one CPU if the actors
-    leave one, else what they leave (at least DECODE_CPUS): one decode task per spare CPU keeps
-    up, and every concurrent task is a worker process that imports torch.
+    leave one on some node, else what they leave there (at least DECODE_CPUS): one decode task
+    per spare CPU keeps up, and every concurrent task is a worker process that imports torch.
     ValueError when the actors leave less than DECODE_CPUS of a local Ray: no decode task could
     ever start and the job would wait forever. A remote cluster may grow (its autoscaler adds
     nodes for the waiting decode tasks), so there it is only logged.
@@ -165,7 +166,11 @@ def resolve_resources(flags: ActorFlags, device: str) -> tuple[int, float, float
     spare = cpus - reserved
     if not flags.workers and device != "cuda":  # actors packed per node: what one node keeps
         spare = min(c - _actors_on(c, actor_cpus) * actor_cpus for c in nodes)
-    decode_cpus = min(1.0, max(DECODE_CPUS, _floor_ray(spare)))
+    # A decode task must fit on one node wherever Ray puts the actors: a node of c CPUs holding
+    # k of them keeps c - k * actor_cpus, at least `room` on the best node. Sized by the whole
+    # cluster's spare alone, two nodes keeping 0.25 each would get 0.5-CPU tasks that never start.
+    room = max(c - min(int(c // actor_cpus), workers) * actor_cpus for c in nodes)
+    decode_cpus = min(1.0, max(DECODE_CPUS, _floor_ray(min(spare, room))))
     if spare >= DECODE_CPUS:
         return workers, actor_cpus, decode_cpus
     if on_remote_cluster():
@@ -216,6 +221,37 @@ def coreset_actors(flags: ActorFlags, num_shards: int, num_rows: int) -> tuple[s
 
 
 PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+
+
+@ray.remote(num_cpus=0)
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def lost_nodes(node_ids: Sequence[str], timeout_s: float) -> set[str]:
+    """Those of `node_ids` that are gone, once Ray has decided (at most `timeout_s` seconds).
+
+    After a collective fails, a peer's node may be dead while Ray still lists it as alive (its
+    health checks take seconds to give up on a node); new actors placed there now would die too
+    and use up a restart. A zero-CPU task pinned to each node returns once the node answers, or
+    fails once Ray declares it dead; a node that answers neither within `timeout_s` counts as lost.
+    """
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    probes = {
+        node: _node_id.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        for node in set(node_ids) & alive
+    }
+    lost = set(node_ids) - alive
+    if probes:
+        ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
+    for node, ref in probes.items():
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayError:  # unschedulable (node dead), crashed, or no answer yet
+            lost.add(node)
+            ray.cancel(ref, force=True)
+    return lost
 
 
 def _bundles_that_fit(bundle: dict[str, float]) -> int:

@@ -322,7 +322,7 @@ class KnnFlags(Flags):
     knn_nlist: int | None = arg("IVF lists (k-means cells, trained with a fixed seed); unset = "
                                 "round(4 sqrt(N)), at most N // 39", None)
     knn_nprobe: int | None = arg("IVF lists scanned per query (more = higher recall, slower); unset "
-                                 "= max(8, nlist / 16), at most nlist", None)
+                                 "= ceil(sqrt(nlist)), at most nlist", None)
     knn_pq_m: int | None = arg("ivf-pq sub-vectors (bytes per entry with 8-bit codes; must "
                                "divide the feature width D); unset = the largest divisor of D up "
                                "to min(64, D / 4)", None)

@@ -47,7 +47,9 @@ class CoresetConfig(ActorFlags, CoresetFlags):
 
     features: str = arg("feature store folder/URI written by `patchcore extract`")
     out: str = arg("bank folder/URI to write (manifest.json last)")
-    workers: int = arg("actors sharing the features; 0 = one per GPU, or per CPU up to the shards", 0)
+    workers: int = arg("ranks (actors) sharing the features; 0 = automatic, sized by the "
+                       "all-gather's cost: one per GPU (or per --cpus-per-worker CPUs), at most 8, "
+                       "at least 50k rows per rank on CPU (2M on GPU), at most the shards", 0)
     checkpoint_every: int = arg("greedy steps between checkpoints; 0 = max(1000, size/100)", 0)
     retries: int = arg("restarts from the last checkpoint after an actor failure", 2)
     placement: str = arg("pack|spread: how the ranks, reserved all at once as one placement group, "
@@ -181,9 +183,7 @@ class CoresetWorker:
         network_interface: str,
     ) -> None:
         self.rank, self.world_size = rank, world_size
-        if network_interface:  # read by gloo at init_process_group, by NCCL at its first collective
-            check_interface(network_interface)
-            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = network_interface
+        self.interface = network_interface
         self.shard_uris, self.shard_rows, self.offset, self.dim = shard_uris, shard_rows, offset, dim
         self.storage_options = storage_options
         self.device = torch.device(device)
@@ -237,7 +237,10 @@ class CoresetWorker:
         return host, int(self.store.port)
 
     def join(self, host: str, port: int) -> None:
-        """Join the process group of all actors of this job."""
+        """Join the process group of all actors of this job (on --network-interface if given)."""
+        if self.interface:  # read by gloo at init_process_group, by NCCL at its first collective
+            check_interface(self.interface)
+            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = self.interface
         if self.store is None:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
         dist.init_process_group(
@@ -384,9 +387,14 @@ def select(
     group = cluster.place_gang(len(groups), bundle, cfg.placement, cfg.placement_timeout_s,
                                label=f"coreset run {run_id}")
     remote = ray.remote(CoresetWorker)
-    attempt = 0
+    attempt, nodes = 0, []
     try:
         while True:
+            if attempt:  # new ranks must not go to a node of the failed attempt that is gone
+                lost = cluster.lost_nodes(nodes, cfg.placement_timeout_s)
+                if lost:
+                    log.warning("coreset run %s: node(s) %s lost; their ranks' resources are "
+                                "reserved again elsewhere", run_id, sorted(n[:8] for n in lost))
             if not group.wait(timeout_seconds=cfg.placement_timeout_s):  # re-reserved after a node loss
                 raise TimeoutError(f"coreset run {run_id}: the ranks' placement group lost "
                                    f"bundles and got none back within --placement-timeout-s "
@@ -406,8 +414,8 @@ def select(
                 for rank, shard_group in enumerate(groups)
             ]
             try:
-                cluster.get_all([a.num_rows.remote() for a in actors])  # all shards read and projected
                 nodes = cluster.get_all([a.node.remote() for a in actors])
+                cluster.get_all([a.num_rows.remote() for a in actors])  # all shards read and projected
                 host, port = ray.get(actors[0].open_store.remote(cfg.rendezvous_port))
                 log.info("coreset run %s attempt %d: rendezvous at %s:%d; ranks on %d node(s): %s",
                          run_id, attempt, host, port, len(set(nodes)), [n[:8] for n in nodes])
@@ -429,7 +437,9 @@ def select(
                 return chosen, radius, _merge_rows(parts, chosen), layout
             except ray.exceptions.RayError as err:
                 attempt += 1
-                if attempt > cfg.retries:
+                # a ValueError in a rank (RayTaskError subclasses its cause) is a bad flag such
+                # as --network-interface or --rendezvous-port: restarting cannot help
+                if attempt > cfg.retries or isinstance(err, ValueError):
                     raise
                 log.warning("coreset actor failed (%s); restart %d/%d from step %d",
                             type(err).__name__, attempt, cfg.retries, len(chosen))

@@ -12,6 +12,7 @@ with the thresholds; its features stay as the coreset step wrote them.
 from __future__ import annotations
 
 import logging
+import posixpath
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class FitConfig(PipelineFlags, ModelFlags, CoresetFlags):
         "0 = no thresholds", 0.1)
     max_calibration_images: int = arg("cap on held-out calibration images", 200)
     target_fpr: float = arg("false-positive rate of the thresholds on nominal images", 0.01)
+    bank_id: str = arg("name of the bank in its manifest (info.bank_id) and in the rows of "
+                       "`score --incremental`; '' = the --out folder's name", "")
 
     def __post_init__(self) -> None:
         if not self.train or not self.out:
@@ -137,6 +140,7 @@ def run(cfg: FitConfig) -> int:
         extract.extract_images(train, cfg.features_uri, spec, cfg, feature_dtype=cfg.feature_dtype,
                                inputs=cfg.train, config=config_dict(cfg))  # logs the plan only
         return 0
+    bank_id = cfg.bank_id or posixpath.basename(storage.normalise_uri(cfg.out))
     # One fit per --out at a time; the feature store has its own lock (extract_images).
     with OutputFolder(cfg.out, options).locked() as folder:
         with cluster.ray_session():
@@ -161,6 +165,8 @@ def run(cfg: FitConfig) -> int:
                 if len(scores) == 0:
                     raise ValueError(f"none of the {len(held_out)} calibration images could be read; "
                                      "see the warnings above")
+                # kept for the nightly report's drift check (jobs.nightly_report)
+                calibration["scores"] = sorted(float(s) for s in scores)
                 image_scores, pixels = torch.from_numpy(scores), torch.from_numpy(maps).reshape(-1)
                 thresholds = {
                     "image_threshold": scoring.threshold_for_fpr(image_scores, cfg.target_fpr),
@@ -174,7 +180,8 @@ def run(cfg: FitConfig) -> int:
         folder.verify_lock()  # only the run holding --out commits it
         # the coreset step wrote features and provenance; only the manifest gains the thresholds
         bank = storage.update_bank_manifest(
-            cfg.out, {**thresholds, "info": {**bank["info"], "fit": fit_info}}, options)
+            cfg.out, {**thresholds, "info": {**bank["info"], "fit": fit_info, "bank_id": bank_id}},
+            options)
         log.info("bank %s committed: %d entries, image threshold %s, pixel threshold %s",
                  cfg.out, bank["counts"]["num_entries"], thresholds["image_threshold"],
                  thresholds["pixel_threshold"])

@@ -191,11 +191,17 @@ def reuse_committed(
 
 
 class OutputFolder:
-    """Commit and resume state of one job's output folder (manifest, _job.json, _shards/, lock)."""
+    """Commit and resume state of one job's output folder (manifest, _job.json, _shards/, lock).
 
-    def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
+    state: subfolder holding manifest.json, _job.json and _shards/ ("" = the folder itself), so
+    several runs can share one folder (`patchcore score --incremental`: runs/run=ID); the run lock
+    is always the folder's own, so one run at a time writes the folder.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any], state: str = "") -> None:
         self.uri = uri
         self.options = storage_options
+        self.state_uri = storage.join_uri(uri, state) if state else uri
         self.lock: RunLock | None = None
         self._records: dict[int, dict[str, Any]] = {}  # validated commit records
 
@@ -204,8 +210,8 @@ class OutputFolder:
         return storage.join_uri(self.uri, *parts)
 
     def is_committed(self) -> bool:
-        """Whether the folder's manifest.json exists: the whole job finished."""
-        return storage.is_committed(self.uri, self.options)
+        """Whether the folder's (state's) manifest.json exists: the whole job finished."""
+        return storage.is_committed(self.state_uri, self.options)
 
     def acquire_lock(self) -> None:
         """Claim the folder for this run (FolderLockedError if another run writes it); idempotent.
@@ -255,11 +261,14 @@ class OutputFolder:
         and so is a folder that another run committed since this one checked.
         """
         self.acquire_lock()
-        job_uri = self.join(JOB_FILE)
+        job_uri = storage.join_uri(self.state_uri, JOB_FILE)
         if overwrite:
-            storage.remove(self.join(storage.MANIFEST_NAME), self.options)  # un-commit first
-            for name in (*data, SHARD_DIR, JOB_FILE):
+            # un-commit first
+            storage.remove(storage.join_uri(self.state_uri, storage.MANIFEST_NAME), self.options)
+            for name in data:
                 storage.remove_tree(self.join(name), self.options)
+            for name in (SHARD_DIR, JOB_FILE):
+                storage.remove_tree(storage.join_uri(self.state_uri, name), self.options)
         elif self.is_committed():
             raise FileExistsError(f"{self.uri} was committed by another run while this one started; "
                                   "rerun to reuse it, or pass --overwrite to replace it")
@@ -272,7 +281,8 @@ class OutputFolder:
 
     def _load_record(self, shard: Shard) -> dict[str, Any]:
         """The shard's commit record; FileNotFoundError, ValueError or UnicodeDecodeError if bad."""
-        data = storage.read_bytes(self.join(SHARD_DIR, f"{shard.name}.json"), self.options)
+        data = storage.read_bytes(storage.join_uri(self.state_uri, SHARD_DIR, f"{shard.name}.json"),
+                                  self.options)
         record = json.loads(data.decode("utf-8"))
         if not isinstance(record, dict):
             raise ValueError(f"commit record of {shard.name} is not a JSON object")
@@ -298,7 +308,7 @@ class OutputFolder:
         """Shards committed intact: a readable commit record, and every data file it lists (at
         least `data_files(shard)`, relative) present with the recorded size and row count and a
         readable Parquet footer. Any other shard is logged and will be redone."""
-        records = self.names_in(SHARD_DIR)
+        records = set(storage.file_sizes(storage.join_uri(self.state_uri, SHARD_DIR), self.options))
         candidates = [s for s in shards if f"{s.name}.json" in records]
 
         def load(shard: Shard) -> tuple[Shard, dict[str, Any] | None, str]:
@@ -364,7 +374,8 @@ class OutputFolder:
         meta = {rel: {"bytes": storage.file_size(self.join(rel), self.options), "rows": rows}
                 for rel, rows in files.items()}
         body = json.dumps({**record, "files": meta}, sort_keys=True).encode("utf-8")
-        storage.write_bytes(self.join(SHARD_DIR, f"{shard.name}.json"), body, self.options)
+        storage.write_bytes(storage.join_uri(self.state_uri, SHARD_DIR, f"{shard.name}.json"), body,
+                            self.options)
 
     def write_errors(self, shard: Shard, uris: Sequence[str], errors: Sequence[str]) -> None:
         """errors/part-NNNNN.parquet with uri, error; a stale one from an earlier try is removed."""
@@ -376,7 +387,7 @@ class OutputFolder:
 
     def finish(self) -> None:
         """Drop the run-identity file once the manifest is written, and release the lock."""
-        storage.remove(self.join(JOB_FILE), self.options)
+        storage.remove(storage.join_uri(self.state_uri, JOB_FILE), self.options)
         self.release_lock()
 
 

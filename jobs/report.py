@@ -131,10 +131,12 @@ def overlay_png(
     title: str,
     vmax: float,
     threshold: float | None,
+    mask_label: str = "ground truth",
 ) -> bytes:
     """Three panels: image with the ground-truth contour, heatmap over the image, heatmap alone.
 
-    image: (H, W, 3) uint8; amap: (H, W) anomaly scores or None; mask: (H, W) bool ground truth.
+    image: (H, W, 3) uint8; amap: (H, W) anomaly scores or None; mask: (H, W) bool ground truth
+    (or another mask, named by `mask_label`, e.g. the predicted defect mask).
     The colour scale is [0, vmax] in score units; `threshold` (pixel) is drawn as a white contour.
     Returns PNG bytes of a 12 x 4.6 inch figure at 110 dpi, `title` above the panels.
     """
@@ -142,7 +144,7 @@ def overlay_png(
     axes = figure.subplots(1, 3)
     figure.suptitle(title, fontsize=11)
     axes[0].imshow(image)
-    axes[0].set_title("image + ground truth (green)", fontsize=9)
+    axes[0].set_title(f"image + {mask_label} (green)", fontsize=9)
     heat = None
     if amap is not None:
         axes[1].imshow(image)
@@ -167,6 +169,30 @@ def overlay_png(
     if heat is not None:
         # fraction 0.046: the usual value that makes the bar about as tall as a square image
         figure.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label="score")
+    return _png(figure)
+
+
+def score_histogram_png(
+    scores: np.ndarray, reference: np.ndarray | None, threshold: float | None, title: str
+) -> bytes:
+    """Density histograms of image scores (n,) and of `reference` scores (m,) (e.g. the bank's
+    calibration scores; None: not drawn) on shared bins, the image threshold as a dashed line."""
+    figure = _figure(7.0, 3.6)
+    ax = figure.subplots()
+    both = [a for a in (scores, reference) if a is not None and len(a)]
+    values = np.concatenate(both) if both else np.zeros(1)
+    bins = np.linspace(float(values.min()), float(values.max()) + 1e-9, 31)
+    if len(scores):
+        ax.hist(scores, bins=bins, density=True, alpha=0.6, label=f"this run ({len(scores)})")
+    if reference is not None and len(reference):
+        ax.hist(reference, bins=bins, density=True, alpha=0.6,
+                label=f"calibration, nominal ({len(reference)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="image threshold")
+    ax.set_xlabel("image score")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return _png(figure)
 
 

@@ -30,8 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs import cluster, logs
-from jobs.config import KnnFlags, PipelineFlags, arg, config_dict, config_json, parse_config
+from jobs import cluster, incremental, logs
+from jobs.config import (
+    KnnFlags,
+    PipelineFlags,
+    arg,
+    config_dict,
+    config_json,
+    parse_config,
+)
 from jobs.folders import (
     RESULT_DIRS,
     OutputFolder,
@@ -56,7 +63,7 @@ RECALL_IMAGES = 4  # images of an actor's first batch whose patches sample the r
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(KnnFlags, PipelineFlags):
+class ScoreConfig(incremental.IncrementalFlags, KnnFlags, PipelineFlags):
     """Score images with a PatchCore bank: scores, anomaly maps and masks (PatchCore §3.3)."""
 
     bank: str = arg("bank folder/URI written by `patchcore fit` or `patchcore coreset`")
@@ -92,12 +99,10 @@ class ScoreActor:
                  knn_options: knn.KnnOptions | None = None) -> None:
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
         cluster.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
-        self.model = model.load(bank, device, storage_options=storage_options)
-        # model.load built an exact index with faiss' default threads: replace it with the one
-        # --knn asks for, searching on the CPUs Ray reserved for this actor
         self.knn_options = knn_options if knn_options is not None else knn.KnnOptions()
-        self.model.index = knn.build_index(self.model.bank.features, self.model.device,
-                                           self.knn_options, threads=threads)
+        # one index, the one --knn asks for, searching on the CPUs Ray reserved for this actor
+        self.model = model.load(bank, device, storage_options=storage_options,
+                                knn_options=self.knn_options, threads=threads)
         if self.model.index.engine == "torch-cuda-exact":
             log.warning("the installed faiss has no GPU support: exact kNN runs through torch on %s",
                         self.model.device)
@@ -281,6 +286,9 @@ def run(cfg: ScoreConfig) -> int:
         knn_params = knn.ivf_params(knn_options, num_entries, dim)
         log.info("knn %s on a bank of %d x %d: params %s", knn_options.method, num_entries, dim,
                  json.dumps(knn_params, sort_keys=True))
+    if cfg.incremental:  # nightly runs into one location: jobs.incremental
+        return incremental.run(cfg, bank_manifest, knn_options, score_shards, knn_summary)
+    incremental.check_plain_target(cfg.out, options)
     uris = storage.list_images(cfg.images, options)
     root = input_root(cfg.images, uris)
     keys = [relative_key(u, root) for u in uris]

@@ -76,8 +76,10 @@ def default_nlist(num_entries: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: nlist / 16 (a sixteenth of the bank), at least min(8, nlist)."""
-    return min(nlist, max(8, math.ceil(nlist / 16)))
+    """Lists scanned per query: ceil(sqrt(nlist)), a share of the bank that shrinks as it grows
+    (2.5 % at 160k entries): on CPU a list scan is memory-bound and costs far more per entry than
+    flat search's blocked BLAS over a batch of queries (benchmarks/results/knn.txt)."""
+    return math.ceil(math.sqrt(nlist))
 
 
 def default_pq_m(dim: int) -> int:
@@ -158,7 +160,7 @@ def resolve_engine(method: str, device: torch.device | str, *, faiss_gpus: int |
 
     cuda: faiss GPU when faiss has GPU support, else exact search through torch on the GPU;
     approximate methods there need faiss GPU (ValueError): never a silent CPU search. cpu: faiss
-    CPU (torch's CPU search is slower: benchmarks/results/knn.txt). faiss_gpus: GPUs to assume
+    CPU (torch on CPU is as fast or slower: benchmarks/results/knn.txt). faiss_gpus: GPUs to assume
     faiss can use, instead of asking the installed faiss (tests).
     """
     if method not in METHODS:

@@ -28,13 +28,17 @@ class PatchCore:
         bank: Bank,
         device: str | torch.device = "cpu",
         extractor: backbone.FeatureExtractor | None = None,
+        knn_options: knn.KnnOptions | None = None,
+        threads: int | None = None,
     ) -> None:
+        """knn_options: how the bank is searched (None: exact); threads: faiss CPU threads for
+        the index (None: faiss' default; jobs pass the CPUs Ray reserved for the actor)."""
         self.device = backbone.resolve_device(device) if isinstance(device, str) else device
         self.bank = bank
         self.extractor = (
             extractor if extractor is not None else backbone.load_backbone(bank.spec, self.device)
         )
-        self.index = knn.build_index(bank.features, self.device)
+        self.index = knn.build_index(bank.features, self.device, knn_options, threads=threads)
 
     @property
     def spec(self) -> ModelSpec:
@@ -174,6 +178,8 @@ def fit(
         calibrated = predict(model, calibration_images, batch_size=batch_size)
         info["config"]["target_fpr"] = target_fpr
         info["counts"]["num_calibration_images"] = int(calibration_images.shape[0])
+        # the nominal score distribution, for drift checks of later scoring runs
+        info["calibration"] = {"scores": sorted(float(s) for s in calibrated.scores.tolist())}
         model.bank = dataclasses.replace(
             bank,
             image_threshold=scoring.threshold_for_fpr(calibrated.scores, target_fpr),
@@ -241,9 +247,13 @@ def load(
     device: str | torch.device = "cpu",
     expected_spec: ModelSpec | None = None,
     storage_options: dict[str, Any] | None = None,
+    knn_options: knn.KnnOptions | None = None,
+    threads: int | None = None,
 ) -> PatchCore:
-    """Load a bank folder and rebuild backbone and index on `device`."""
-    return PatchCore(storage.load_bank(uri, expected_spec, storage_options), device)
+    """Load a bank folder and rebuild backbone and index on `device` (see PatchCore for
+    knn_options and threads)."""
+    bank = storage.load_bank(uri, expected_spec, storage_options)
+    return PatchCore(bank, device, knn_options=knn_options, threads=threads)
 
 
 def _check_images(images: torch.Tensor, spec: ModelSpec) -> None:

@@ -408,6 +408,67 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list
     return sorted(set(found))
 
 
+def _version_tag(entry: dict[str, Any]) -> str:
+    """The content tag of one listing entry: its ETag (object stores), generation (GCS) or
+    modification time (local files, as nanoseconds when fsspec gives seconds)."""
+    for name in ("ETag", "etag", "generation", "md5Hash"):
+        if entry.get(name):
+            return str(entry[name]).strip('"')
+    mtime = entry.get("mtime", entry.get("LastModified", entry.get("updated")))
+    if mtime is None:
+        raise ValueError(f"listing entry {entry.get('name')!r} has no ETag or modification time")
+    return str(round(mtime * 1e9)) if isinstance(mtime, (int, float)) else str(mtime)
+
+
+def list_image_versions(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> list[tuple[str, int, str]]:
+    """(uri, size in bytes, version) of every image `list_images` finds at `uri`, sorted by URI.
+
+    version = "<size>:<ETag or generation or mtime ns>": it changes when the object is rewritten.
+    Folders and globs take one recursive listing (no request per image); entries of a manifest
+    file are looked up one by one (a missing one is version "missing"). Only these three fields
+    are kept per image.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs)
+    if _has_magic(uri):
+        listed = fs.glob(path, detail=True)
+    elif fs.isdir(path):
+        listed = fs.find(path, detail=True)
+    elif fs.isfile(path) and _is_image_name(path):
+        listed = {path: fs.info(path)}
+    else:
+        listed = {}
+    items = [(_to_uri(fs, name), entry) for name, entry in listed.items()
+             if entry.get("type") != "directory" and _is_image_name(name)]
+    if not listed and path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+        items = []
+        for entry_uri in _manifest_entries(fs, path, uri):
+            entry_fs, entry_path = url_to_fs(entry_uri, storage_options)
+            # a listed file that does not exist is version "missing": scored as an error once,
+            # and again only once it appears
+            info = entry_fs.info(entry_path) if entry_fs.exists(entry_path) else None
+            items.append((entry_uri, info))
+    found = {}
+    for name, entry in items:
+        size = int(entry.get("size") or 0) if entry is not None else 0
+        found[name] = (size, f"{size}:{_version_tag(entry)}" if entry is not None else "missing")
+    if not found:
+        raise ValueError(f"no images found at {uri!r}; expected {_INPUT_FORMS}")
+    return [(u, size, version) for u, (size, version) in sorted(found.items())]
+
+
+def subfolders(folder: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted base names of the folders (prefixes) directly in `folder`; [] when it is missing."""
+    fs, path = url_to_fs(folder, storage_options)
+    _uncached(fs, path)
+    if not fs.isdir(path):
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+                  if e.get("type") == "directory")
+
+
 # --------------------------------------------------------------------------- parquet tables
 
 
@@ -447,7 +508,8 @@ def read_table(
 
 
 _COLUMN_TYPES = {"string": pa.string(), "float64": pa.float64(), "float32": pa.float32(),
-                 "int64": pa.int64(), "int32": pa.int32(), "int16": pa.int16(), "bool": pa.bool_()}
+                 "int64": pa.int64(), "int32": pa.int32(), "int16": pa.int16(), "bool": pa.bool_(),
+                 "timestamp": pa.timestamp("us", tz="UTC")}
 
 
 def write_rows(
@@ -457,7 +519,8 @@ def write_rows(
 ) -> None:
     """One small Parquet table from {name: (type, values)}, columns in the given order.
 
-    type: one of string, float64, float32, int64, int32, int16, bool; None values are nulls.
+    type: one of string, float64, float32, int64, int32, int16, bool, timestamp (UTC datetimes);
+    None values are nulls.
     """
     arrays = {}
     for name, (kind, values) in columns.items():

@@ -48,3 +48,20 @@ def test_options_bench_reports_every_option_with_metrics_in_range() -> None:
     for r in rows:
         assert all(0.0 <= r[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "pro")), r
         assert 0 <= r["eq7_not_1"] <= r["images"] == 7 and 0.0 < r["eq7_min"] <= 1.0
+
+
+def test_knn_bench_prints_one_row_per_engine_with_recall_for_approximate_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import knn_bench
+
+    knn_bench.main(["--sizes", "800", "--dims", "16", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 800 ")]
+    assert [r[2].strip() for r in rows] == list(knn_bench.ENGINES)
+    for row in rows:
+        recall = row[9].strip()
+        if "ivf" in row[2]:
+            assert 0.0 <= float(recall) <= 1.0 and float(row[10]) >= 1.0
+        else:
+            assert recall == "-"

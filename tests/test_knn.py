@@ -180,10 +180,10 @@ def test_ivf_rows_with_too_few_candidates_are_completed_exactly() -> None:
 
 def test_derived_ivf_parameters_follow_the_documented_rules() -> None:
     assert [knn.default_nlist(n) for n in (50, 3000, 16000, 160000)] == [1, 76, 410, 1600]
-    assert [knn.default_nprobe(n) for n in (1, 76, 410, 1600)] == [1, 8, 26, 100]
+    assert [knn.default_nprobe(n) for n in (1, 76, 410, 1600)] == [1, 9, 21, 40]
     assert [knn.default_pq_m(d) for d in (8, 32, 152, 1024)] == [2, 8, 38, 64]
     params = knn.ivf_params(knn.KnnOptions(method="ivf-pq"), 16000, 1024)
-    assert params == {"nlist": 410, "nprobe": 26, "seed": 0, "train_size": 15990, "pq_m": 64,
+    assert params == {"nlist": 410, "nprobe": 21, "seed": 0, "train_size": 15990, "pq_m": 64,
                       "pq_bits": 8, "rerank": 4}
     assert knn.ivf_params(knn.KnnOptions(), 16000, 1024) == {}
 

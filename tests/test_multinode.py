@@ -4,25 +4,31 @@ model and coreset actors land on both workers and the results equal the single-p
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
 import re
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import ray
 import torch
+from test_jobs_coreset import SPEC as SPEC_CORESET
+from test_jobs_coreset import bank_rows, job_args, make_feature_store, reference
+from test_jobs_extract_score import MODEL_FLAGS, SPEC, make_dataset, read_scores
 
 from jobs import coreset as coreset_job
 from jobs import fit, score
 from jobs.config import parse_config
-from patchcore_core import model, storage
-from test_jobs_coreset import bank_rows, job_args, make_feature_store, reference
-from test_jobs_extract_score import MODEL_FLAGS, SPEC, make_dataset, read_scores
+from patchcore_core import coreset, model, storage
+from patchcore_core.features import coreset_projection
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # a hang fails, not stalls
 
 # Two 0.75-CPU model actors cannot share a 1-CPU worker: one lands on each, and each worker keeps
 # 0.25 CPU for decode tasks (cluster.DECODE_CPUS).
@@ -169,3 +175,89 @@ def test_coreset_ranks_that_cannot_all_be_placed_fail_naming_the_fix(
                                            r"Use --workers 2 or a smaller --cpus-per-worker"):
         coreset_job.main(argv)
     assert ray.available_resources().get("CPU") == 2.0  # the placement group was removed
+
+
+@pytest.mark.parametrize(
+    "nodes, workers, cpus_per_worker, decode",
+    [([1.0, 1.0], 2, 0.75, 0.25),  # 0.5 spare in all, but 0.25 on each node
+     ([2.0], 1, 0.5, 1.0), ([4.0, 4.0], 3, 1.0, 1.0), ([1.0, 2.0], 2, 0.5, 1.0)],
+)
+def test_decode_tasks_of_explicit_actors_fit_on_one_node(
+    monkeypatch: pytest.MonkeyPatch, nodes: list[float], workers: int, cpus_per_worker: float,
+    decode: float,
+) -> None:
+    # Found on the 3-node cluster: 0.5-CPU decode tasks waited forever next to 0.75-CPU actors.
+    from jobs import cluster
+    from jobs.config import ActorFlags
+
+    monkeypatch.setattr(cluster, "node_cpus", lambda: nodes)
+    flags = ActorFlags(workers=workers, cpus_per_worker=cpus_per_worker, device="cpu")
+    assert cluster.resolve_resources(flags, "cpu") == (workers, cpus_per_worker, decode)
+
+
+def test_coreset_rendezvous_on_the_given_port_and_no_restart_for_a_missing_interface(
+    ray_cluster: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobs")
+    uri = str(tmp_path / "features")
+    features = make_feature_store(uri)
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    interface = socket.if_nameindex()[0][1]  # one this machine (all three nodes) has
+    out = str(tmp_path / "bank")
+    coreset_job.main(job_args(uri, out, 2, "--rendezvous-port", str(port),
+                              "--network-interface", interface))
+    assert re.search(rf"rendezvous at [\d.]+:{port};", caplog.text)
+    assert bank_rows(out)[0] == reference(features).indices.tolist()
+    with pytest.raises(ValueError, match=r"--network-interface 'nosuch0': node [\d.]+ has no "
+                                         rf"such interface, only \[.*'{interface}'"):
+        coreset_job.main(job_args(uri, str(tmp_path / "bank2"), 2, "--network-interface", "nosuch0"))
+    assert "restart" not in caplog.text
+
+
+def _step(checkpoint: Path) -> int:
+    """Greedy steps saved in a coreset checkpoint (0 while none, or while it is being written)."""
+    try:
+        return int(json.loads(checkpoint.read_text())["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_coreset_resumes_to_identical_bank_after_losing_a_worker_node(
+    ray_cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Last in the module: one worker node is killed (SIGKILL, as a crashed VM) and replaced after.
+    caplog.set_level(logging.INFO, logger="jobs")
+    uri = str(tmp_path / "features")
+    features = make_feature_store(uri)
+    out = tmp_path / "bank"
+    checkpoint = out / "_checkpoint" / "coreset.json"
+    # 2 ranks of 0.5 CPU spread over both workers; 400 steps, a checkpoint after each; after the
+    # loss the placement group re-reserves the lost rank's bundle on the surviving node
+    argv = ["--features", uri, "--out", str(out), "--size", "400", "--projection-dim", "8",
+            "--workers", "2", "--cpus-per-worker", "0.5", "--device", "cpu", "--placement",
+            "spread", "--checkpoint-every", "1", "--retries", "3", "--placement-timeout-s", "120"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(coreset_job.main, argv)
+        deadline = time.monotonic() + 120
+        while _step(checkpoint) < 5 and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_id = re.search(r"coreset run (\w+) on 2 cpu actor", caplog.text)
+        assert run_id and not job.done(), caplog.text
+        lost = ray.get(ray.get_actor(f"coreset-{run_id[1]}-0-1").node.remote())
+        (node,) = [n for n in ray_cluster.worker_nodes if n.node_id == lost]
+        ray_cluster.remove_node(node, allow_graceful=False)
+        job.result(timeout=240)  # re-raises the job's error, if any
+    ray_cluster.add_node(num_cpus=1)  # the replacement an autoscaler would start
+    ray_cluster.wait_for_nodes()
+    # one restart: the survivors' failure waits for Ray to settle that the node is gone
+    assert re.findall(r"restart (\d)/3 from step (\d+)", caplog.text)[0][0] == "1"
+    assert re.search(rf"node\(s\) \['{lost[:8]}'\] lost", caplog.text), caplog.text
+    num_points = len(features)
+    projected = features @ coreset_projection(SPEC_CORESET, 8, 0)
+    expected = coreset.greedy_coreset(projected, 400, start=coreset.first_index(num_points, 0))
+    rows, bank = bank_rows(str(out))
+    assert rows == expected.indices.tolist()
+    layout = bank.info["coreset"]
+    assert layout["restarts"] == 1 and lost not in layout["nodes"]
