@@ -2,8 +2,9 @@
 
 Owns: connecting to `RAY_ADDRESS` or starting a local Ray (`ray_session`), the device of the
 model actors (`resolve_device`), CPU/GPU arithmetic that packs model actors and decode tasks onto
-nodes (`resolve_resources`) and coreset ranks (`coreset_actors`, placed all at once by
-`place_gang`), and process settings of an actor (`keep_freed_memory`). Must not: read or write storage, or know what an actor computes.
+nodes (`resolve_resources`), coreset ranks (`coreset_actors`, reserved all at once by
+`place_gang`, nodes lost under them found by `lost_nodes`), and process settings of an actor
+(`keep_freed_memory`). Must not: read or write storage, or know what an actor computes.
 
 `RAY_ADDRESS` set: connect to that cluster. Unset: start a local Ray for the run. A Ray that is
 already initialised (tests, notebooks) is reused and left running.

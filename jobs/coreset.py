@@ -396,9 +396,12 @@ def select(
                     log.warning("coreset run %s: node(s) %s lost; their ranks' resources are "
                                 "reserved again elsewhere", run_id, sorted(n[:8] for n in lost))
             if not group.wait(timeout_seconds=cfg.placement_timeout_s):  # re-reserved after a node loss
-                raise TimeoutError(f"coreset run {run_id}: the ranks' placement group lost "
-                                   f"bundles and got none back within --placement-timeout-s "
-                                   f"{cfg.placement_timeout_s:g}; the cluster has {ray.available_resources()} free")
+                raise TimeoutError(
+                    f"coreset run {run_id}: the ranks' placement group lost bundles with a node "
+                    f"and got none back within --placement-timeout-s {cfg.placement_timeout_s:g}; "
+                    f"the cluster has {ray.available_resources()} free. Add nodes, or rerun with "
+                    "a --workers that fits: it resumes from the checkpoint"
+                )
             actors = [
                 remote.options(  # named for `ray list actors`: coreset-<run>-<attempt>-<rank>
                     name=f"coreset-{run_id}-{attempt}-{rank}", num_cpus=cfg.cpus_per_worker,
