@@ -4,7 +4,8 @@ The table has the layout of the paper's Tables 1-3 (§4.2: image AUROC, pixel AU
 rows = categories + mean) plus fit and score wall-clock times. Each category works in
 <out>/<category>/{bank,results,report}; the jobs are no-ops on committed folders, so a rerun
 resumes where the last one stopped. Paper numbers (supplementary Tables S1-S3, WideResNet50) are
-added as reference columns when --ratio is one of the paper's 25%, 10% or 1%.
+added as reference columns when --ratio is one of the paper's 25%, 10% or 1%. The `lowshot`
+and `sweep` suites (jobs.sweeps) run grids of `run_category`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from jobs import cluster, datasets, evaluate, fit, logs, score
 from jobs.config import (
@@ -30,11 +30,11 @@ from jobs.config import (
     fields_of,
     parse_config,
 )
-from patchcore_core import storage
+from patchcore_core import metrics, storage
 
 log = logging.getLogger("jobs.benchmark")
 
-SUITES = ("mvtec",)
+SUITES = ("mvtec", "lowshot", "sweep")  # lowshot, sweep: jobs.sweeps
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 TIMING_FILE = "timing.json"  # per category: wall-clock seconds of the fit and score jobs
 
@@ -175,23 +175,17 @@ def paper_reference(ratio: float | None, categories: Sequence[str]) -> dict[str,
 # --------------------------------------------------------------------------- table
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    """Mean of the values that are not None; None when none is."""
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
-
-
 def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The mean row: metrics and times averaged over categories (None values skipped); images/s
     is all scored images over all score seconds. rows: {category: row of `run_category`}."""
-    mean = {k: _mean([r[k] for r in rows.values()]) for k in (*METRICS, "fit_s", "score_s")}
+    mean = {k: metrics.mean_present([r[k] for r in rows.values()]) for k in (*METRICS, "fit_s", "score_s")}
     timed = [r for r in rows.values() if r["score_s"] is not None]
     seconds = sum(r["score_s"] for r in timed)
     mean["images_per_s"] = sum(r["test_images"] for r in timed) / seconds if seconds > 0 else None
     return mean
 
 
-def _cell(value: float | None, scale: float = 1.0) -> str:
+def format_cell(value: float | None, scale: float = 1.0) -> str:
     """value * scale with one decimal ('-' for None); scale 100 turns fractions into %."""
     return "-" if value is None else f"{value * scale:.1f}"
 
@@ -213,10 +207,10 @@ def table_markdown(result: dict[str, Any]) -> str:
             # None for a category the paper does not have, and for the mean of a subset
             reference = paper["mean"] if name == "mean" else paper["categories"].get(name)
             cells = [c for k in METRICS
-                     for c in (_cell(row[k], 100), _cell(reference[k] if reference else None))]
+                     for c in (format_cell(row[k], 100), format_cell(reference[k] if reference else None))]
         else:
-            cells = [_cell(row[k], 100) for k in METRICS]
-        cells += [_cell(row["fit_s"]), _cell(row["score_s"]), _cell(row["images_per_s"])]
+            cells = [format_cell(row[k], 100) for k in METRICS]
+        cells += [format_cell(row["fit_s"]), format_cell(row["score_s"]), format_cell(row["images_per_s"])]
         label = f"**{name}**" if name == "mean" else name
         lines.append("| " + " | ".join([label, *cells]) + " |")
     settings = result["settings"]
@@ -253,20 +247,24 @@ def _timed(step: Any, config: Any, folder: str, saved: float | None, options: di
     return status, (saved if was_committed else time.monotonic() - started)
 
 
-def run_category(config: BenchmarkConfig, category: datasets.Category, options: dict[str, Any]
-                 ) -> tuple[int, dict[str, Any]]:
+def run_category(config: BenchmarkConfig, category: datasets.Category, options: dict[str, Any],
+                 *, fit_config: fit.FitConfig | None = None) -> tuple[int, dict[str, Any]]:
     """Fit, score and evaluate one category; (exit status, its table row).
 
     The row: METRICS as fractions, fit_s, score_s, images_per_s, train_images, test_images,
     bank_entries, report (report.md's URI); {} with the status of the first job that fails.
-    Writes <out>/<category>/{bank,results,report} and timing.json.
+    Writes <out>/<category>/{bank,results,report} and timing.json. fit_config: the fit job's
+    config when not `config.fit_config` on train/good (jobs.sweeps: a low-shot subset);
+    train_images is then len(category.train), so pass the category with that subset.
     """
     name, folder = category.name, category_folder(category)
+    if fit_config is None:
+        fit_config = config.fit_config(name, storage.join_uri(folder, "train", "good"))
     timing_uri = storage.join_uri(config.out, name, TIMING_FILE)
     saved = (json.loads(storage.read_bytes(timing_uri, options)) if storage.exists(timing_uri, options)
              else {"fit_s": None, "score_s": None})
-    status, saved["fit_s"] = _timed(fit, config.fit_config(name, storage.join_uri(folder, "train", "good")),
-                                    work_uri(config.out, name, "bank"), saved["fit_s"], options)
+    status, saved["fit_s"] = _timed(fit, fit_config, work_uri(config.out, name, "bank"),
+                                    saved["fit_s"], options)
     # saved after each job, so a rerun after a failed score still knows how long fit took
     storage.write_bytes(timing_uri, json.dumps(saved).encode(), options)
     if status:
@@ -348,7 +346,7 @@ def run(config: BenchmarkConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`patchcore benchmark SUITE [flags]`; SUITE is `mvtec`.
+    """`patchcore benchmark SUITE [flags]`; SUITE is mvtec, lowshot or sweep (jobs.sweeps).
 
     Exits 0 after `--help` without a suite, 2 when the suite is missing or unknown or a flag is
     bad, and with the failed job's status when a category fails.
@@ -356,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in SUITES:
         usage = "usage: patchcore benchmark SUITE [--help] [flags]\nsuites: " + ", ".join(SUITES)
-        usage += "\n`patchcore benchmark mvtec --help` lists the flags and defaults."
+        usage += "\n`patchcore benchmark SUITE --help` lists the suite's flags and defaults."
         if args and args[0] in ("-h", "--help"):
             print(usage)
             raise SystemExit(0)
@@ -364,9 +362,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{usage}\npatchcore benchmark: error: the first argument is the suite "
               f"({', '.join(SUITES)}); {got}", file=sys.stderr)
         raise SystemExit(2)
-    config = parse_config(BenchmarkConfig, args[1:], prog="patchcore benchmark mvtec")
+    prog = f"patchcore benchmark {args[0]}"
+    if args[0] == "mvtec":
+        config: BenchmarkConfig = parse_config(BenchmarkConfig, args[1:], prog=prog)
+        runner = run
+    else:
+        from jobs import sweeps  # deferred: jobs.sweeps builds on this module
+
+        config_class, runner = sweeps.SUITES[args[0]]
+        config = parse_config(config_class, args[1:], prog=prog)
     logs.setup_logging()
-    status = run(config)
+    status = runner(config)
     if status:
         sys.exit(status)
 

@@ -354,12 +354,6 @@ def evaluate_category(
     return {**out, **pixel, "maps": maps}, curves
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    """Mean of the values that are not None; None when none is."""
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
-
-
 # --------------------------------------------------------------------------- overlays
 
 
@@ -435,7 +429,7 @@ def run(config: EvaluateConfig) -> dict[str, Any] | None:
             path = f"overlays/{name}/{kind}_{rank}.png"
             storage.write_bytes(storage.join_uri(config.out, path), _overlay(entry, kind, rank, options), options)
             overlays.append((f"{name}: {kind} #{rank} ({entry.item.defect}, score {entry.score:.4g})", path))
-    mean = {k: _mean([m[k] for m in per_category.values()]) for k in ("image_auroc", "pixel_auroc", "pro")}
+    mean = {k: metrics.mean_present([m[k] for m in per_category.values()]) for k in ("image_auroc", "pixel_auroc", "pro")}
     kinds = sorted({m["maps"] for m in per_category.values()})
     notes = {
         "raw": "raw float maps in crop space (ground truth resized and centre-cropped as the images)",

@@ -7,6 +7,7 @@ of thresholded predictions (images or pixels) live here too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,3 +213,10 @@ def _check_scores_labels(
             f"got {int(y_true.sum())} anomalous of {len(y_true)}"
         )
     return y_true, scores.detach().to("cpu", torch.float64).numpy()
+
+
+def mean_present(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (e.g. categories without pixel metrics); None when
+    none is."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None

@@ -141,4 +141,4 @@ def test_first_argument_must_be_a_suite(argv: list[str], capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as exited:
         benchmark.main(argv)
     assert exited.value.code == 2
-    assert "the first argument is the suite (mvtec)" in capsys.readouterr().err
+    assert "the first argument is the suite (mvtec, lowshot, sweep)" in capsys.readouterr().err
