@@ -7,7 +7,8 @@ run scored with the same bank digest), the Hive-partitioned layout of a run and 
   input_version ("<size>:<ETag or mtime ns>", storage.list_image_versions) and scored_at (UTC).
 - errors/run=ID/part-NNNNN.parquet: uri, error, input_version, bank_id, bank_digest, scored_at.
   An input that failed is not retried for the same version and bank (a fixed file is a new one).
-- runs/run=ID/: the run's commit state (_shards/, _job.json, manifest.json written last).
+- runs/run=ID/: the run's commit state (_shards/, _job.json, input_keys.npy: the hashed
+  (uri, input_version) of its inputs, the index later runs read; manifest.json written last).
 - reports/run=ID/report.html, report.md (jobs.nightly_report).
 - maps/<rel>.png, masks/<rel>.png as `patchcore score` writes them (a changed input's are replaced).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import logging
 import posixpath
@@ -33,7 +35,15 @@ import numpy as np
 
 from jobs import cluster, nightly_report
 from jobs.config import Flags, arg, config_dict
-from jobs.folders import OutputFolder, Shard, failed, input_root, inputs_digest, make_shards, relative_key
+from jobs.folders import (
+    OutputFolder,
+    Shard,
+    failed,
+    input_root,
+    inputs_digest,
+    make_shards,
+    relative_key,
+)
 from patchcore_core import knn, storage
 from patchcore_core.spec import ModelSpec
 
@@ -43,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobs.incremental")
 
 RUNS_DIR = "runs"  # runs/run=ID/: commit state of each run
+KEYS_FILE = "input_keys.npy"  # runs/run=ID/input_keys.npy: sorted version_keys of the run's inputs
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_BYTES = 8  # bytes of the hash that stands for one (uri, input_version) in the index
 
@@ -114,7 +125,7 @@ def version_keys(uris: Sequence[str], versions: Sequence[str]) -> np.ndarray:
     """(n,) uint64 hashes of (uri, input_version) pairs: the compact form of the scored index."""
     out = np.empty(len(uris), np.uint64)
     for i, (uri, version) in enumerate(zip(uris, versions)):
-        digest = hashlib.blake2b(f"{uri}\n{version}".encode("utf-8"), digest_size=_KEY_BYTES).digest()
+        digest = hashlib.blake2b(f"{uri}\n{version}".encode(), digest_size=_KEY_BYTES).digest()
         out[i] = int.from_bytes(digest, "little")
     return out
 
@@ -160,11 +171,17 @@ def check_bank(out: str, runs: Mapping[str, Mapping[str, Any]], bank_id: str, di
 def scored_index(out: str, runs: Mapping[str, Mapping[str, Any]], digest: str,
                  options: dict[str, Any]) -> np.ndarray:
     """Sorted uint64 `version_keys` of every (uri, input_version) that a committed run in `out`
-    scored, or recorded as an error, with the bank `digest`. Reads three columns of each part."""
+    scored, or recorded as an error, with the bank `digest`: each run's KEYS_FILE (8 bytes per
+    input), or for a run without one, three columns of each of its parts."""
     keys = [np.empty(0, np.uint64)]
     for run_id, manifest in sorted(runs.items()):
         if manifest["bank_digest"] != digest:
             continue  # another bank's rows: not scored by this one
+        if manifest.get("input_keys"):
+            data = storage.read_bytes(storage.join_uri(out, RUNS_DIR, run_name(run_id),
+                                                       manifest["input_keys"]), options)
+            keys.append(np.load(io.BytesIO(data), allow_pickle=False).astype(np.uint64))
+            continue
         for sub in ("scores", "errors"):
             folder = storage.join_uri(out, sub, run_name(run_id))
             for part in storage.list_files(folder, "part-*.parquet", options):
@@ -322,6 +339,11 @@ def run(cfg: ScoreConfig, bank_manifest: dict[str, Any], knn_options: knn.KnnOpt
             "identity": identity, "config": config_dict(cfg),
             "versions": storage.package_versions(),
         }
+        # every input of the run is now in scores/ or errors/: its keys make tomorrow's index
+        buffer = io.BytesIO()
+        np.save(buffer, np.sort(version_keys(uris, versions)))
+        storage.write_bytes(storage.join_uri(state, KEYS_FILE), buffer.getvalue(), options)
+        manifest["input_keys"] = KEYS_FILE
         manifest["report"] = nightly_report.write(out, run_id, manifest, bank_manifest, options,
                                                   top=cfg.report_top,
                                                   drift_tolerance=cfg.drift_tolerance)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,14 @@ def _run_rows(out: str, sub: str, run: str, columns: Sequence[str],
         for c in columns:
             rows[c] += table[c]
     return rows
+
+
+def error_reason(error: str) -> str:
+    """An error message without its particulars (URIs, sizes): its type and first clause, numbers
+    as N, e.g. 'ValueError: corrupt image header'."""
+    kind, _, message = error.partition(": ")
+    head = re.sub(r"\d+", "N", re.split(r"[:;(]", message, maxsplit=1)[0]).strip()[:80]
+    return f"{kind}: {head}" if head else kind
 
 
 def calibration_of(bank_manifest: Mapping[str, Any]) -> tuple[np.ndarray | None, float | None]:
@@ -94,7 +103,7 @@ def summarise(out: str, run_id: str, manifest: Mapping[str, Any], bank_manifest:
     return {
         "run_id": run_id, "bank_id": manifest["bank_id"], "bank_digest": manifest["bank_digest"],
         "counts": dict(manifest["counts"]),
-        "errors_by_reason": dict(Counter(e.split(":", 1)[0] for e in errors).most_common()),
+        "errors_by_reason": dict(Counter(error_reason(e) for e in errors).most_common()),
         "anomalous": anomalous,
         "anomaly_rate": anomalous / len(scores) if len(scores) else None,
         "target_fpr": target_fpr,
@@ -129,9 +138,9 @@ def _lines(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("scored", str(counts["scored"])),
         ("errors", f"{counts['errors']} ({errors})"),
         ("anomalous", str(summary["anomalous"])),
-        ("anomaly rate", f"{_rate(summary['anomaly_rate'])} (bank's calibrated target FPR "
-                         f"{_rate(summary['target_fpr'])}, image threshold "
-                         f"{'–' if threshold is None else f'{threshold:.4g}'})"),
+        ("anomaly rate", (f"{_rate(summary['anomaly_rate'])} (bank's calibrated target FPR "
+                          f"{_rate(summary['target_fpr'])}, image threshold "
+                          f"{'–' if threshold is None else f'{threshold:.4g}'})")),
         ("score drift", drift_text),
     ]
 
@@ -166,9 +175,9 @@ def render_html(summary: Mapping[str, Any], histogram: bytes, overlays: Sequence
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>Scoring run {e(summary['run_id'])}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;background:#fff}table{border-collapse:collapse}"
-        "th,td{border:1px solid #999;padding:4px 8px;text-align:left}"
-        ".alarm{background:#c00;color:#fff;padding:8px}</style></head><body>",
+        ("<style>body{font-family:sans-serif;margin:2em;background:#fff}"
+         "table{border-collapse:collapse}th,td{border:1px solid #999;padding:4px 8px;"
+         "text-align:left}.alarm{background:#c00;color:#fff;padding:8px}</style></head><body>"),
         f"<h1>Scoring run {e(summary['run_id'])}</h1>",
         "<p class='alarm'>Score drift alarm</p>" if alarm else "",
         f"<table>{rows}</table>",

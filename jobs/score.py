@@ -15,6 +15,7 @@ small per-shard tables. Outputs, with <rel> = the input's path below the input r
 - masks/<rel>.png: 0/255 at the input's resolution, 255 where the map > pixel threshold.
 - maps_raw/<rel>.npy (--raw-maps): the (crop, crop) map as scored, rounded to float16.
 - errors/part-NNNNN.parquet: uri, error. Invariant: inputs = scored + errors, each once.
+With --incremental, runs share one location as Hive partitions run=ID (jobs.incremental).
 """
 
 from __future__ import annotations

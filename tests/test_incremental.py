@@ -127,20 +127,29 @@ def test_three_nights_score_each_input_version_once_and_read_as_one_table(
     with pytest.raises(Interrupted):
         run_night(bank, images, out, NIGHTS[2])
     monkeypatch.setattr(incremental, "write_shard", real)
-    first_part = f"{out}/scores/run={NIGHTS[2]}/part-00000.parquet"
-    before = storage.read_bytes(first_part)
+    parts = storage.list_files(f"{out}/scores/run={NIGHTS[2]}", "part-*.parquet")
+    assert len(parts) == 1  # of 2 shards (6 inputs, --shard-size 4): the one committed first
+    before = storage.read_bytes(parts[0])
     assert not storage.is_committed(f"{out}/runs/run={NIGHTS[2]}")
     # a new run id while night 3 is unfinished is refused: night 3 must be finished first
     with pytest.raises(ValueError, match="unfinished"):
         run_night(bank, images, out, "other")
     assert run_night(bank, images, out, NIGHTS[2]) == 0
-    assert storage.read_bytes(first_part) == before  # the committed shard was not redone
+    assert storage.read_bytes(parts[0]) == before  # the committed shard was not redone
     # night 4: nothing new; a rerun of a committed night is a no-op
     expected[NIGHTS[3]] = set()
     assert run_night(bank, images, out, NIGHTS[3]) == 0
     assert run_night(bank, images, out, NIGHTS[1]) == 0
     assert storage.read_manifest(f"{out}/runs/run={NIGHTS[1]}", "results")["counts"] == {
         "listed": 27, "already_scored": 18, "inputs": 9, "scored": 7, "errors": 2}
+
+    # the index of scored inputs: from the runs' key files = from their parquet columns
+    digest = incremental.bank_identity(bank, storage.read_manifest(bank, "bank"))[1]
+    runs = incremental.committed_runs(out, {}, current="")
+    from_keys = incremental.scored_index(out, runs, digest, {})
+    no_keys = {r: {k: v for k, v in m.items() if k != "input_keys"} for r, m in runs.items()}
+    np.testing.assert_array_equal(from_keys, incremental.scored_index(out, no_keys, digest, {}))
+    assert len(from_keys) == 20 + 9 + 6
 
     # exactly the expected rows: scores + errors of each night = what that night had to do
     rows = read_all(out)
@@ -181,7 +190,7 @@ def test_three_nights_score_each_input_version_once_and_read_as_one_table(
         assert rates[night] == pytest.approx(sum(flags) / len(flags))
     twice = con.sql("select uri, input_version, bank_digest, count(*) n from s "
                     "group by all having n > 1").fetchall()
-    assert twice == [] and len(set((r["uri"], r["input_version"]) for r in rows)) == len(rows)
+    assert twice == [] and len({(r["uri"], r["input_version"]) for r in rows}) == len(rows)
 
     # pyarrow.dataset, pandas and polars read the same table
     fs = s3fs_filesystem()
@@ -264,3 +273,43 @@ def test_incremental_flags_are_checked(flags: list[str], message: str,
     with pytest.raises(SystemExit) as exit_info:
         _cli.parse_config(score.ScoreConfig, ["--bank", "b", "--images", "i", "--out", "o", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_error_reasons_drop_the_particulars() -> None:
+    assert nightly_report.error_reason("ValueError: corrupt image header (72 bytes): broken") == (
+        "ValueError: corrupt image header")
+    assert nightly_report.error_reason(
+        "ValueError: data of 0 bytes starting b'' is not an image format Pillow reads") == (
+        "ValueError: data of N bytes starting b'' is not an image format Pillow reads")
+    assert nightly_report.error_reason("OSError") == "OSError"
+
+
+def test_image_versions_change_when_a_file_is_rewritten(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        storage.write_bytes(str(tmp_path / name), _texture(rng))
+    (tmp_path / "notes.txt").write_text("not an image")
+    before = storage.list_image_versions(str(tmp_path))
+    assert [u for u, _, _ in before] == storage.list_images(str(tmp_path))
+    assert all(v.startswith(f"{size}:") for _, size, v in before)
+    storage.write_bytes(str(tmp_path / "a/2.png"), _texture(rng) + b"\0")
+    after = {u: v for u, _, v in storage.list_image_versions(str(tmp_path))}
+    changed = {u for u, _, v in before if after[u] != v}
+    assert changed == {str(tmp_path / "a/2.png")}
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("a/1.png\ngone.png\n")
+    listed = storage.list_image_versions(str(manifest))
+    assert [(u, v) for u, _, v in listed] == [(str(tmp_path / "a/1.png"), after[str(tmp_path / "a/1.png")]),
+                                               (str(tmp_path / "gone.png"), "missing")]
+
+
+def test_plain_and_incremental_results_never_share_a_location(banks: tuple[str, str],
+                                                              tmp_path: Path) -> None:
+    nightly, plain = tmp_path / "nightly", tmp_path / "plain"
+    (nightly / "runs" / "run=2026-01-01").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds --incremental runs"):
+        incremental.check_plain_target(str(nightly), {})
+    storage.write_manifest(str(plain), {"counts": {}}, kind="results")
+    storage.write_bytes(str(tmp_path / "images" / "1.png"), _texture(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="plain `patchcore score` run"):
+        run_night(banks[0], str(tmp_path / "images"), str(plain), "2026-01-01")

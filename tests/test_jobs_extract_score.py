@@ -183,6 +183,10 @@ def test_fit_job_bank_equals_single_process_fit(local_bank: Path, dataset: Path)
     assert bank.image_threshold == pytest.approx(reference.image_threshold, rel=1e-5)
     assert bank.pixel_threshold == pytest.approx(reference.pixel_threshold, rel=1e-5)
     assert bank.info["fit"]["calibration"]["images"] == 4 and bank.info["fit"]["train_images"] == 12
+    # for `score --incremental`: the bank's name (no --bank-id: the folder's) and nominal scores
+    assert bank.info["bank_id"] == local_bank.name
+    np.testing.assert_allclose(bank.info["fit"]["calibration"]["scores"],
+                               reference.info["calibration"]["scores"], rtol=1e-5)
 
 
 def test_score_equals_single_process_predict(local_results: Path, local_bank: Path, dataset: Path) -> None:
