@@ -8,6 +8,7 @@ import copy
 import datetime as dt
 import re
 import shlex
+import subprocess
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from jobs import submit
 
 ROOT = Path(__file__).parents[1]
 INFRA = ROOT / "infra"
-MANIFESTS = ("ray-cluster.yaml", "rayjob.yaml")
+MANIFESTS = ("ray-cluster.yaml", "rayjob.yaml", "nightly-cronjob.yaml")
 SEPARATORS = {"&&", "||", "|", ";", "&"}
 
 
@@ -91,6 +92,7 @@ def all_commands() -> list[tuple[str, list[str]]]:
 def test_every_manifest_parses_as_yaml() -> None:
     kinds = {name: [doc.get("kind") for doc in load(name)] for name in MANIFESTS}
     assert kinds["rayjob.yaml"] == ["ServiceAccount", "RayJob"]
+    assert kinds["nightly-cronjob.yaml"] == ["ServiceAccount", "RayCluster", "CronJob"]
     assert "available_node_types" in load("ray-cluster.yaml")[0]
 
 
@@ -104,6 +106,7 @@ def test_infra_runs_fit_and_score_and_the_rayjob_scores() -> None:
     for where, argv in all_commands():
         by_file.setdefault(where, set()).add(check_invocation(argv))
     assert by_file["rayjob.yaml"] == {"score"}
+    assert by_file["nightly-cronjob.yaml"] == {"score"}
     assert {"fit", "score"} <= by_file["README.md"]
 
 
@@ -226,3 +229,43 @@ def test_dockerfile_installs_the_project_with_the_readmes_extras_plus_gpu() -> N
         "pyproject.toml must depend on ray[data,default]: the dashboard's job server (and the "
         "`patchcore submit` client) need the `default` extra"
     )
+
+
+def test_nightly_cronjob_submits_one_incremental_run_a_night_to_the_rayclusters_job_server(
+    tmp_path: Path,
+) -> None:
+    account, cluster, cron = load("nightly-cronjob.yaml")
+    spec = cron["spec"]
+    assert spec["timeZone"] == "Etc/UTC" and spec["concurrencyPolicy"] == "Forbid"
+    assert len(spec["schedule"].split()) == 5 and spec["schedule"].split()[2:] == ["*", "*", "*"]
+    job = spec["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == account["metadata"]["name"]
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    ((where, argv),) = [(w, a) for w, a in all_commands() if w == "nightly-cronjob.yaml"]
+    own, command = submit.split_argv(argv[1:])
+    args = submit.build_parser().parse_args(own)
+    # the submission id is deterministic per night, and the command is an incremental score run
+    date = dt.date(2026, 1, 2)
+    assert submit.resolve_submission_id(args, date) == submit.nightly_submission_id("screws", date)
+    assert args.wait is False and args.working_dir == ""
+    assert command[0] == "score" and "--incremental" in command
+    # the job server is the RayCluster's head Service, reached with the cluster's token
+    assert args.address == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == cluster["metadata"]["name"]
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # bad flags (exit 2) end the Job; the wrapper turns "already submitted tonight" (3) into done
+    rules = job["podFailurePolicy"]["rules"]
+    assert rules == [{"action": "FailJob",
+                      "onExitCodes": {"containerName": "submit", "operator": "In", "values": [2]}}]
+    fake = tmp_path / "python"  # stands in for `python -m jobs submit` with a given exit status
+    for submit_status, pod_status in ((0, 0), (3, 0), (4, 4), (2, 2)):
+        fake.write_text(f"#!/bin/sh\nexit {submit_status}\n")
+        fake.chmod(0o755)
+        result = subprocess.run(["sh", "-c", script], env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+                                capture_output=True, timeout=30)
+        assert result.returncode == pod_status, (submit_status, result.stderr)
