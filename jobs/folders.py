@@ -3,7 +3,7 @@
 Owns: `Shard`s (`shard_size` consecutive images of the sorted input list, named part-NNNNN by
 position, so the same input gives the same shards on every run); output paths of inputs
 (`input_root`, `relative_key`); the results layout of `patchcore score` (`RESULT_MAPS`,
-`map_uri`); `OutputFolder`, the commit and resume state of one folder; and `reuse_committed`, the
+`map_uri`, the scores table's columns `score_rows`); `OutputFolder`, the commit and resume state of one folder; and `reuse_committed`, the
 one answer to "is this folder already committed by a run like this one?". Must not: import Ray,
 compute anything, or call a filesystem except through patchcore_core.storage.
 
@@ -26,6 +26,8 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from jobs.lock import FolderLockedError, RunLock
 from patchcore_core import storage
@@ -398,3 +400,26 @@ def failed(counts: dict[str, int], max_failures: int, what: str) -> bool:
                   counts["errors"], counts["inputs"], what, max_failures)
         return True
     return False
+
+
+def score_rows(columns: Mapping[str, np.ndarray], ok: np.ndarray, image_threshold: float | None
+               ) -> dict[str, tuple[str, Any]]:
+    """The scores table of one shard (DESIGN.md §4 "Results"), as storage.write_rows columns.
+
+    columns: the scoring stage's output by input position (uri, key, score, max_y, max_x, width,
+    height); ok: (n,) bool, the inputs that were scored (the others go to errors/). anomalous is
+    score > the bank's image threshold, None for every row when the bank has none.
+    """
+    scores = columns["score"][ok].astype(np.float64)
+    anomalous = ([bool(v) for v in scores > image_threshold] if image_threshold is not None
+                 else [None] * len(scores))
+    return {
+        "uri": ("string", [str(u) for u, keep in zip(columns["uri"], ok) if keep]),
+        "rel": ("string", [str(k) for k, keep in zip(columns["key"], ok) if keep]),
+        "score": ("float64", scores),
+        "anomalous": ("bool", anomalous),
+        "max_y": ("int32", columns["max_y"][ok]),
+        "max_x": ("int32", columns["max_x"][ok]),
+        "width": ("int32", columns["width"][ok]),
+        "height": ("int32", columns["height"][ok]),
+    }

@@ -43,6 +43,7 @@ from jobs.folders import (
     inputs_digest,
     make_shards,
     relative_key,
+    score_rows,
 )
 from patchcore_core import knn, storage
 from patchcore_core.spec import ModelSpec
@@ -227,20 +228,8 @@ def write_shard(folder: OutputFolder, run_id: str, shard: Shard, columns: dict[s
                 "bank_digest": ("string", [stamp["bank_digest"]] * count),
                 "scored_at": ("timestamp", [stamp["scored_at"]] * count)}
 
-    scores = columns["score"][ok].astype(np.float64)
-    anomalous = ([bool(v) for v in scores > image_threshold] if image_threshold is not None
-                 else [None] * len(scores))
-    storage.write_rows(folder.join(scores_part(run_id, shard)), {
-        "uri": ("string", [u for u, k in zip(uris, ok) if k]),
-        "rel": ("string", [str(key) for key, k in zip(columns["key"], ok) if k]),
-        "score": ("float64", scores),
-        "anomalous": ("bool", anomalous),
-        "max_y": ("int32", columns["max_y"][ok]),
-        "max_x": ("int32", columns["max_x"][ok]),
-        "width": ("int32", columns["width"][ok]),
-        "height": ("int32", columns["height"][ok]),
-        **common(ok),
-    }, folder.options)
+    storage.write_rows(folder.join(scores_part(run_id, shard)),
+                       {**score_rows(columns, ok, image_threshold), **common(ok)}, folder.options)
     errors_uri = folder.join(errors_part(run_id, shard))
     if ok.all():
         storage.remove(errors_uri, folder.options)  # a stale one from an earlier try

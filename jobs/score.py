@@ -51,6 +51,7 @@ from jobs.folders import (
     make_shards,
     map_uri,
     relative_key,
+    score_rows,
     reuse_committed,
     scores_file,
 )
@@ -188,19 +189,8 @@ def _write_shard(folder: OutputFolder, shard: Shard, columns: dict[str, np.ndarr
     uris = [str(u) for u in columns["uri"]]
     folder.write_errors(shard, [u for u, keep in zip(uris, ok) if not keep],
                         [str(e) for e, keep in zip(columns["error"], ok) if not keep])
-    scores = columns["score"][ok].astype(np.float64)
-    anomalous = ([bool(v) for v in scores > image_threshold] if image_threshold is not None
-                 else [None] * len(scores))
-    storage.write_rows(folder.join(scores_file(shard)), {
-        "uri": ("string", [u for u, keep in zip(uris, ok) if keep]),
-        "rel": ("string", [str(k) for k, keep in zip(columns["key"], ok) if keep]),
-        "score": ("float64", scores),
-        "anomalous": ("bool", anomalous),
-        "max_y": ("int32", columns["max_y"][ok]),
-        "max_x": ("int32", columns["max_x"][ok]),
-        "width": ("int32", columns["width"][ok]),
-        "height": ("int32", columns["height"][ok]),
-    }, folder.options)
+    storage.write_rows(folder.join(scores_file(shard)), score_rows(columns, ok, image_threshold),
+                       folder.options)
     record: dict[str, Any] = {"inputs": len(uris), "scored": int(ok.sum()),
                               "errors": int((~ok).sum()),
                               "knn": sorted({str(r) for r in columns["knn"] if r})}
