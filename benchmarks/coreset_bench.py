@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from patchcore_core import coreset
 
@@ -61,12 +62,11 @@ def synthetic_projected(num_points: int, intrinsic_dim: int, projection_dim: int
     return out
 
 
-def photo_views(count: int, seed: int) -> Iterator["Image.Image"]:
+def photo_views(count: int, seed: int) -> Iterator[Image.Image]:
     """`count` distinct RGB views of the skimage photos, round robin over PHOTOS: a square crop
     of random side (25-100 % of the largest square that fits) at a random place, rotated by a
     random angle (cut from a sqrt(2) larger square, so no border enters), then one of the 8
     flips/quarter turns. Gray photos are repeated to 3 channels."""
-    from PIL import Image
     from skimage import data  # benchmark-only dependency, like the tests' textures
 
     rng = np.random.default_rng(seed)
@@ -104,7 +104,8 @@ def real_projected(num_points: int, projection_dim: int, seed: int, cache_dir: s
     path = Path(cache_dir, f"coreset_real_v{REAL_VERSION}_{num_points}_{projection_dim}_{seed}.npy")
     if path.exists():
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    from patchcore_core import backbone, features, preprocess  # imported only to extract
+    # imported only to extract: a cached run keeps the backbone libraries out of its RSS
+    from patchcore_core import backbone, features, preprocess
     from patchcore_core.spec import ModelSpec
 
     spec = ModelSpec(backbone="efficientnet_lite0", weights="default", layers=REAL_LAYERS,
@@ -156,6 +157,8 @@ def seconds_cell(seconds: float) -> str:
 
 def worker(args: argparse.Namespace) -> None:
     """One measurement in this process; prints a JSON line, writes the indices to --out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     points = load_projected(args)
     steps = coreset.coreset_size(args.n, args.ratio, None)
     start = coreset.first_index(args.n, args.seed)
@@ -183,7 +186,7 @@ def measure(args: argparse.Namespace, n: int, ratio: float, method: str, out: Pa
         "--out", str(out), "--seed", str(args.seed), "--intrinsic-dim", str(args.intrinsic_dim),
         "--projection-dim", str(args.projection_dim), "--plain-prefix", str(args.plain_prefix),
         "--plain-full-steps", str(args.plain_full_steps), "--features", args.features,
-        "--cache-dir", args.cache_dir,
+        "--cache-dir", args.cache_dir, "--threads", str(args.threads),
     ]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain-full-steps", type=int, default=2000, help="longest plain run done in full")
     parser.add_argument("--plain-prefix", type=int, default=500, help="plain steps timed when extrapolating")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in each measurement (0: torch's default); 1 avoids "
+                             "OpenMP stalls when other work shares the cores")
     parser.add_argument("--worker", choices=["plain", "fast"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -221,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         data = (f"synthetic {FEATURE_DIM}-dim float16 features, intrinsic dim {args.intrinsic_dim}, "
                 f"projected to {args.projection_dim}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; {data}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"# torch {torch.__version__}, {threads} threads; {data}")
     header = ("N", "ratio", "steps", "plain s", "fast s", "speedup", "plain/fast CPU s", "fast steps/s",
               "fast RSS MB: data, peak", "projected MB", "identical indices")
     print("| " + " | ".join(header) + " |")

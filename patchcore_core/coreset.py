@@ -134,7 +134,7 @@ class MinDistances:
     A class because it holds that state across the steps of one selection (one per Ray actor).
     """
 
-    def __init__(self, points: torch.Tensor, *, window: int = 16, block_rows: int = 256) -> None:
+    def __init__(self, points: torch.Tensor, *, window: int = 32, block_rows: int = 256) -> None:
         if points.ndim != 2 or points.shape[0] < 1 or points.shape[1] < 1:
             raise ValueError(f"points must be (n, d) with n, d >= 1, got {tuple(points.shape)}")
         if window < 1 or block_rows < 1:
@@ -244,23 +244,27 @@ class MinDistances:
         """Apply the queued centres to every row."""
         if self._num_centres == self._applied:
             return
-        device = self._points.device
         for lo in range(0, self.num_rows, self._chunk_rows):
             hi = min(self.num_rows, lo + self._chunk_rows)
-            self._update(torch.arange(lo, hi, device=device), self._points[lo:hi])
+            self._update(slice(lo, hi), self._points[lo:hi])  # a slice: views, no gathers
         self._applied = self._num_centres
         self._block_max = self._min_sq.view(self.num_blocks, self.block_rows).amax(1)
 
-    def _update(self, rows: torch.Tensor, points: torch.Tensor) -> None:
-        """Apply every queued centre to `rows` (r,) (their `points` (r, d)); a pair gets an exact
-        `sq_distances_to` only if its BLAS bound cannot rule it out (see `_margins`)."""
+    def _update(self, rows: torch.Tensor | slice, points: torch.Tensor) -> None:
+        """Apply every queued centre to `rows` (r,) or a slice of r rows (their `points` (r, d));
+        a pair gets an exact `sq_distances_to` only if its BLAS bound cannot rule it out (see
+        `_margins`)."""
         queued = self._num_centres - self._applied
         eps, alpha, gamma = _margins(self.dim, points.device)
         norm = max(self._queue_norm[:queued])
-        current = self._min_sq.index_select(0, rows)
-        row_sq = self._row_sq.index_select(0, rows)
+
+        def take(values: torch.Tensor) -> torch.Tensor:  # a view for a slice: never written
+            return values[rows] if isinstance(rows, slice) else values.index_select(0, rows)
+
+        current = take(self._min_sq)
+        row_sq = take(self._row_sq)
         # error of the bound: gamma (|x - mean|^2 + |b|^2 + 2 (|x| + |mean|) |b|)
-        error = self._row_norm.index_select(0, rows).add_(self._mean_norm).mul_(2 * norm)
+        error = take(self._row_norm).add(self._mean_norm).mul_(2 * norm)
         error.add_(row_sq).add_(norm * norm).mul_(gamma)
         # pair (row, centre) may lower the row only if its bound is below
         # (min_sq + alpha)(1 + eps) + error; compared without |x - mean|^2 on both sides
@@ -277,8 +281,13 @@ class MinDistances:
             x = points.index_select(0, r)
             sq_dists = _sq_distances_into(x, self._queue.index_select(0, c), x)
             new = new.scatter_reduce(0, r, sq_dists, "amin")
-        self._min_sq.index_copy_(0, rows, new)
-        self._seen.index_fill_(0, rows, self._num_centres)
+        if isinstance(rows, slice):
+            if new is not current:  # else no pair: `current` is the view itself
+                self._min_sq[rows] = new
+            self._seen[rows] = self._num_centres
+        else:
+            self._min_sq.index_copy_(0, rows, new)
+            self._seen.index_fill_(0, rows, self._num_centres)
 
 
 def _margins(dim: int, device: torch.device) -> tuple[float, float, float]:

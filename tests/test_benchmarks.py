@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import plot_results
@@ -30,6 +31,26 @@ def test_coreset_bench_selects_the_plain_loop_indices_and_its_table_plots(tmp_pa
     assert line.rstrip().endswith("| yes (first 30) |")  # the same indices as the plain loop
     plot_results.plot_coreset(rows, str(tmp_path / "coreset.png"))
     assert (tmp_path / "coreset.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coreset_bench_on_real_photo_features_selects_the_plain_loop_indices(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    command = [sys.executable, str(ROOT / "benchmarks" / "coreset_bench.py"), "--features", "real",
+               "--n", "2000", "--ratio", "0.01", "--plain-full-steps", "50", "--threads", "1",
+               "--cache-dir", str(cache)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("| 2,000"))
+    assert line.rstrip().endswith("| yes |")  # all 20 steps run by both, same indices
+    assert "real patch features" in done.stdout
+    (path,) = cache.glob("coreset_real_*_2000_128_0.npy")
+    cached = np.load(path, allow_pickle=False)
+    assert cached.shape == (2000, 128) and cached.dtype == np.float32
+    assert len(np.unique(cached, axis=0)) == 2000  # distinct views: no duplicated patches
+    written = path.stat().st_mtime_ns
+    again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    assert path.stat().st_mtime_ns == written  # the rerun read the cache, did not extract again
+    assert any(row.startswith("| 2,000") and row.rstrip().endswith("| yes |")
+               for row in again.stdout.splitlines())
 
 
 def test_plot_reader_names_the_file_without_a_table(tmp_path: Path) -> None:
