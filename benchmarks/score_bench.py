@@ -30,28 +30,14 @@ import torch
 
 from benchmarks._proctree import MIB
 from benchmarks.extract_bench import Stopwatch, make_images, run_job
+from benchmarks.throughput_bench import make_bank
 from jobs import score
 from patchcore_core import features, knn, model, preprocess, scoring, storage
-from patchcore_core.bank import Bank
 from patchcore_core.spec import ModelSpec, default_layers
 
 BACKBONE_KEYS = ("forward", "aggregate")
 KNN_KEYS = ("knn", "reweight")
 OTHER_KEYS = ("decode", "maps", "uncrop", "png", "write")
-
-
-def make_bank(uri: str, spec: ModelSpec, size: int, seed: int = 0) -> None:
-    """Save a bank of `size` random entries (D = spec.embed_dim) with thresholds, for timing only."""
-    if storage.is_committed(uri):
-        return
-    rng = np.random.default_rng(seed)
-    feats = rng.standard_normal((size, spec.embed_dim), dtype=np.float32)
-    bank = Bank(spec=spec, features=torch.from_numpy(feats),
-                image_ids=tuple(f"bank-{i // 784:06d}" for i in range(size)),
-                ys=torch.zeros(size, dtype=torch.int64), xs=torch.zeros(size, dtype=torch.int64),
-                projection_seed=seed, coverage_radius=1.0, image_threshold=1.0, pixel_threshold=1.0,
-                info={"benchmark": "random bank"})
-    storage.save_bank(uri, bank)
 
 
 def reweight(patchcore: model.PatchCore, queries: torch.Tensor, patch_scores: torch.Tensor,
@@ -85,8 +71,11 @@ def stage_split(paths: Sequence[str], bank_uri: str, batch_size: int, folder: st
                 with clock("forward"):
                     maps = patchcore.extractor(images)
                 with clock("aggregate"):
-                    feats = features.patch_features(maps, spec.patch_size, spec.embed_dim,
-                                                    aggregation=spec.aggregation)
+                    factors = features.stored_factors(spec)  # low-rank storage, as features.embed
+                    feats = (features.low_rank_patch_features(maps, spec.patch_size, factors.coefficients)
+                             if factors is not None else
+                             features.patch_features(maps, spec.patch_size, spec.embed_dim,
+                                                     aggregation=spec.aggregation))
                 B, h, w, D = feats.shape
                 # model.score_patches, step by step: nearest bank entry of every patch (Eq. 6) ...
                 queries = feats.reshape(B * h * w, D)
@@ -99,14 +88,14 @@ def stage_split(paths: Sequence[str], bank_uri: str, batch_size: int, folder: st
                 with clock("maps"):  # what model.predict adds: maps and the location of their maxima
                     amaps = scoring.anomaly_maps(patch_scores, spec.crop, spec.sigma)
                     amaps.reshape(B, -1).argmax(dim=1)
-                for j, image in enumerate(decoded):  # what ScoreActor._write_files does per image
+                for j, image in enumerate(decoded):  # what score.write_files does per image (the CPU stage after the model actor)
                     width, height = image.size
                     with clock("uncrop"):
                         full = preprocess.uncrop_map(amaps[j], width, height, spec.resize, spec.crop)
                         heat = score.heatmap_pixels(full, threshold)
                         mask = np.where((full > threshold).numpy(), 255, 0).astype(np.uint8)
                     with clock("png"):
-                        pngs = score._png(heat), score._png(mask)
+                        pngs = preprocess.encode_png(heat), preprocess.encode_png(mask)
                     with clock("write"):
                         for kind, body in zip(("map", "mask"), pngs):
                             storage.write_bytes(os.path.join(folder, "split", kind, f"{lo + j:06d}.png"), body)

@@ -37,12 +37,12 @@ from jobs import cluster, nightly_report
 from jobs.config import Flags, arg, config_dict
 from jobs.folders import (
     OutputFolder,
+    OutputKeys,
     Shard,
     failed,
     input_root,
     inputs_digest,
     make_shards,
-    relative_key,
     score_rows,
 )
 from patchcore_core import knn, storage
@@ -285,7 +285,7 @@ def run(cfg: ScoreConfig, bank_manifest: dict[str, Any], knn_options: knn.KnnOpt
         todo = pending_inputs(listing, index)
         uris = [u for u, _, _ in todo]
         versions = [v for _, _, v in todo]
-        keys = [relative_key(u, root) for u in uris]
+        keys = OutputKeys(uris, root)
         shards = make_shards(uris, cfg.shard_size)
         log.info("run %s: %d inputs listed, %d already scored with bank %s, %d to score in %d shards",
                  run_id, len(listing), len(listing) - len(todo), bank_id, len(todo), len(shards))

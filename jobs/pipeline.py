@@ -1,4 +1,5 @@
-"""The streaming stage of the image jobs: Ray Data read + decode tasks, then an actor pool.
+"""The streaming stage of the image jobs: Ray Data read + decode tasks, an actor pool, optional
+CPU tasks after it.
 
 Owns: `decode_batch` (bytes -> preprocessed crops on CPU tasks; a bad input becomes an error row,
 never an exception) and `stream_shards`, which feeds the inputs of some shards through decode and
@@ -13,7 +14,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,8 +86,11 @@ def stream_shards(
     extra: Mapping[str, Sequence[Any]] | None = None,
     done_images: int = 0,
     total_images: int | None = None,
+    after: Callable[..., dict[str, np.ndarray]] | None = None,
+    after_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Shard, dict[str, np.ndarray]]]:
-    """Run decode -> `actor` over the inputs of `shards`; yield each shard once all its rows are back.
+    """Run decode -> `actor` (-> `after`) over the inputs of `shards`; yield each shard once all its
+    rows are back.
 
     Images are decoded and preprocessed as `spec` says (resize, crop, frame) on CPU tasks.
     `actor` is built with `actor_kwargs` plus threads: the torch threads it should run, its
@@ -94,10 +98,13 @@ def stream_shards(
     Rows carry shard, position (index in the full input list), uri, plus `extra[name][position]`.
     The yielded columns are sorted by position. Only the shards' own rows are buffered on the
     driver, and a shard leaves the buffer as soon as it is complete; rows arrive in any order.
+    after: a function of (batch, **after_kwargs) run on CPU tasks sized as the decode tasks over
+    the actor's output batches (score's map files: CPU work kept off the model actor); a shard is
+    yielded only once `after` has returned for all its rows.
     The log's last line counts the images each Ray node's actors embedded.
     Fault tolerance: a dead actor is restarted (max_restarts=-1) and its batch retried up to
-    `flags.retries` times, as is a decode task; a row delivered twice (a retried batch) is kept
-    once, by position, so each input is yielded exactly once.
+    `flags.retries` times, as is a decode or `after` task; a row delivered twice (a retried
+    batch) is kept once, by position, so each input is yielded exactly once.
     """
     rows = [
         {"shard": s.index, "position": s.start + i, "uri": uri,
@@ -134,6 +141,10 @@ def stream_shards(
             # job (its committed shards stay) instead of looping forever.
             max_restarts=-1, max_task_retries=flags.retries,
         )
+        if after is not None:
+            ds = ds.map_batches(after, batch_size=flags.batch_size, batch_format="numpy",
+                                fn_kwargs=dict(after_kwargs or {}), num_cpus=decode_cpus,
+                                max_retries=flags.retries)
     by_index = {s.index: s for s in shards}
     pending: dict[int, dict[int, dict[str, Any]]] = {s.index: {} for s in shards}
     total = total_images if total_images is not None else len(rows)

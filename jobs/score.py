@@ -2,9 +2,12 @@
 
 Ray Data: a CPU stage decodes, an actor pool holds backbone + bank + kNN index (`--knn`; the engine
 each actor runs, and for approximate indexes recall@1 on its first scored patches, go into the
-manifest's `knn`) and calls the single-process reference `model.predict`. Actors write the per-image files; the driver writes the
-small per-shard tables. Outputs, with <rel> = the input's path below the input root, sanitised
-(`folders.relative_key`), so `maps/good/000.png.png` is the map of `<root>/good/000.png`:
+manifest's `knn`) and calls the single-process reference `model.predict`; CPU tasks after the
+actors write the per-image files from the crop-space maps (`write_files`: for 2448x2048 inputs
+twice the actor's own CPU time with efficientnet_lite0, benchmarks/maps_offload_bench.py, now
+off the model actor); the driver writes the small per-shard tables once all of a shard's files
+are written. Outputs, with <rel> = the input's path below the input root,
+sanitised (`folders.relative_key`), so `maps/good/000.png.png` is the map of `<root>/good/000.png`:
 
 - scores/part-NNNNN.parquet: uri, rel, score (float64, Eq. 7), anomalous (score > the bank's
   image threshold; null when the bank has none), max_y, max_x (the crop-space maximum of the map,
@@ -43,6 +46,7 @@ from jobs.config import (
 from jobs.folders import (
     RESULT_DIRS,
     OutputFolder,
+    OutputKeys,
     Shard,
     errors_file,
     failed,
@@ -50,9 +54,8 @@ from jobs.folders import (
     inputs_digest,
     make_shards,
     map_uri,
-    relative_key,
-    score_rows,
     reuse_committed,
+    score_rows,
     scores_file,
 )
 from jobs.pipeline import stream_shards
@@ -87,18 +90,43 @@ def heatmap_pixels(amap: torch.Tensor, pixel_threshold: float) -> np.ndarray:
     return scaled.round().to(torch.uint8).numpy()
 
 
+def write_files(batch: dict[str, np.ndarray], *, out: str, maps: bool, raw_maps: bool, resize: int,
+                crop: int, frame: str, pixel_threshold: float | None, keep_maps: bool,
+                storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """CPU stage after the score actors: the maps/, masks/ (`maps`) and maps_raw/ (`raw_maps`)
+    files of each scored row, from its `map` (crop, crop) float32 in score units and its key,
+    width and height; the batch comes back without `map` unless `keep_maps`. Each write is
+    whole-file and idempotent, so a retried batch rewrites the same bytes."""
+    for i in np.flatnonzero(batch["error"] == ""):
+        key, amap = str(batch["key"][i]), torch.from_numpy(batch["map"][i])
+        width, height = int(batch["width"][i]), int(batch["height"][i])
+        if raw_maps:
+            buffer = io.BytesIO()
+            np.save(buffer, amap.numpy().astype(np.float16))
+            storage.write_bytes(map_uri(out, key, "raw"), buffer.getvalue(), storage_options)
+        if maps:
+            assert pixel_threshold is not None  # run() refuses --maps without one
+            full = preprocess.uncrop_map(amap, width, height, resize, crop, frame=frame)  # (H, W)
+            storage.write_bytes(map_uri(out, key, "png"),
+                                preprocess.encode_png(heatmap_pixels(full, pixel_threshold)),
+                                storage_options)
+            mask = np.where((full > pixel_threshold).numpy(), 255, 0).astype(np.uint8)
+            storage.write_bytes(map_uri(out, key, "mask"), preprocess.encode_png(mask),
+                                storage_options)
+    return batch if keep_maps else {k: v for k, v in batch.items() if k != "map"}
+
+
 class ScoreActor:
     """Ray actor: backbone, bank and kNN index loaded once; batches go through `model.predict`.
 
-    out: results folder whose map files this actor writes (None: write nothing, e.g. calibration);
-    return_maps: add the (B, crop, crop) float32 maps to the output (calibration); knn_options:
-    how the bank is searched (None: exact). Output column `knn`: the actor's kNN report as JSON
-    (engine, params, recall on its first scored patches) on every row once it has one, else "".
+    return_maps: add the (B, crop, crop) float32 maps to the output (calibration, and the input
+    of `write_files`); knn_options: how the bank is searched (None: exact). Output column `knn`:
+    the actor's kNN report as JSON (engine, params, recall on its first scored patches) on every
+    row once it has one, else "".
     """
 
-    def __init__(self, bank: str, device: str, out: str | None, maps: bool, raw_maps: bool,
-                 return_maps: bool, storage_options: dict[str, Any], threads: int,
-                 knn_options: knn.KnnOptions | None = None) -> None:
+    def __init__(self, bank: str, device: str, return_maps: bool, storage_options: dict[str, Any],
+                 threads: int, knn_options: knn.KnnOptions | None = None) -> None:
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
         cluster.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
         self.knn_options = knn_options if knn_options is not None else knn.KnnOptions()
@@ -110,9 +138,7 @@ class ScoreActor:
                         self.model.device)
         log.info("kNN engine %s", json.dumps(self.model.index.describe(), sort_keys=True))
         self.knn_report = ""  # JSON, set by the first batch with a readable image
-        self.out, self.maps, self.raw_maps = out, maps, raw_maps
         self.return_maps = return_maps
-        self.options = storage_options
 
     def _measure_knn(self, images: torch.Tensor, uris: Sequence[str]) -> str:
         """The kNN report (JSON): index.describe(), plus for approximate indexes `recall` (see
@@ -129,24 +155,6 @@ class ScoreActor:
             report["recall"] = {**knn.measure_recall(index, queries[pick]),
                                 "images": [str(u) for u in uris[:RECALL_IMAGES]]}
         return json.dumps(report, sort_keys=True)
-
-    def _write_files(self, key: str, amap: torch.Tensor, width: int, height: int) -> None:
-        """maps/, masks/ and maps_raw/ files of one image; each write is whole-file and idempotent."""
-        spec, bank = self.model.spec, self.model.bank
-        assert self.out is not None
-        if self.raw_maps:
-            buffer = io.BytesIO()
-            np.save(buffer, amap.numpy().astype(np.float16))
-            storage.write_bytes(map_uri(self.out, key, "raw"), buffer.getvalue(), self.options)
-        if self.maps:
-            full = preprocess.uncrop_map(amap, width, height, spec.resize, spec.crop,
-                                         frame=spec.frame)  # (H, W)
-            threshold = float(bank.pixel_threshold)
-            storage.write_bytes(map_uri(self.out, key, "png"),
-                                preprocess.encode_png(heatmap_pixels(full, threshold)), self.options)
-            mask = np.where((full > threshold).numpy(), 255, 0).astype(np.uint8)
-            storage.write_bytes(map_uri(self.out, key, "mask"), preprocess.encode_png(mask),
-                                self.options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -170,8 +178,6 @@ class ScoreActor:
                                                   height)
                 max_x[i] = preprocess.input_pixel(int(prediction.max_yx[j, 1]), left, right, crop,
                                                   width)
-                if self.out is not None:
-                    self._write_files(str(batch["key"][i]), prediction.maps[j], width, height)
                 if maps is not None:
                     maps[i] = prediction.maps[j].numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
@@ -211,16 +217,26 @@ def score_shards(
 
     Columns: uri, error, width, height, score, max_y, max_x, knn (the actors' kNN reports, JSON)
     (+ key, + map (n, crop, crop) float32 with `return_maps`). out: results folder whose map files
-    the actors write (needs `keys`, the output keys by input position); None writes nothing
-    (fit's calibration). knn_options: how the bank is searched (None: exact).
+    `write_files` tasks write after the actors (needs `keys`, the output keys by input position),
+    before the shard is yielded; None writes nothing (fit's calibration). knn_options: how the
+    bank is searched (None: exact).
     """
-    actor_kwargs = {"bank": bank, "device": device, "out": out, "maps": maps, "raw_maps": raw_maps,
-                    "return_maps": return_maps, "storage_options": flags.options,
-                    "knn_options": knn_options}
+    files = out is not None and (maps or raw_maps)
+    after_kwargs: dict[str, Any] | None = None
+    if files:
+        assert out is not None and keys is not None, "map files need --out and the output keys"
+        threshold = storage.read_manifest(bank, "bank", flags.options)["pixel_threshold"]
+        after_kwargs = {"out": out, "maps": maps, "raw_maps": raw_maps, "resize": spec.resize,
+                        "crop": spec.crop, "frame": spec.frame,
+                        "pixel_threshold": None if threshold is None else float(threshold),
+                        "keep_maps": return_maps, "storage_options": flags.options}
+    actor_kwargs = {"bank": bank, "device": device, "return_maps": return_maps or files,
+                    "storage_options": flags.options, "knn_options": knn_options}
     extra: Mapping[str, Sequence[Any]] = {"key": keys} if keys is not None else {}
     yield from stream_shards(shards, ScoreActor, actor_kwargs, flags, device=device, spec=spec,
                              label=label, extra=extra, done_images=done_images,
-                             total_images=total_images)
+                             total_images=total_images, after=write_files if files else None,
+                             after_kwargs=after_kwargs)
 
 
 def knn_summary(options: knn.KnnOptions, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -282,7 +298,7 @@ def run(cfg: ScoreConfig) -> int:
     incremental.check_plain_target(cfg.out, options)
     uris = storage.list_images(cfg.images, options)
     root = input_root(cfg.images, uris)
-    keys = [relative_key(u, root) for u in uris]
+    keys = OutputKeys(uris, root)  # computed when read: no second string per input
     bank_uri = storage.normalise_uri(cfg.bank)  # works from any folder
     identity = {"kind": "results", "bank": bank_uri, "inputs": inputs_digest(uris),
                 "num_inputs": len(uris), "shard_size": cfg.shard_size, "maps": cfg.maps,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
+import operator
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -345,26 +347,41 @@ def _is_image_name(path: str) -> bool:
 
 def _manifest_entries(fs: Any, path: str, uri: str) -> list[str]:
     """URIs listed in a .txt/.csv/.parquet manifest; relative entries resolve against its folder."""
-    data = fs.cat_file(path)
     lower = path.lower()
     if lower.endswith(".txt"):
-        lines = data.decode("utf-8").splitlines()
-        entries = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+        # streamed: one line at a time, never the whole text (10M URIs are 700 MB of text)
+        with fs.open(path, "rb") as f:
+            return _resolve_entries(fs, path, uri, _text_lines(io.TextIOWrapper(f, encoding="utf-8")))
+    data = fs.cat_file(path)
+    if lower.endswith(".csv"):
+        opts = pa_csv.ConvertOptions(column_types={"uri": pa.string()})
+        table = pa_csv.read_csv(pa.BufferReader(data), convert_options=opts)
     else:
-        if lower.endswith(".csv"):
-            opts = pa_csv.ConvertOptions(column_types={"uri": pa.string()})
-            table = pa_csv.read_csv(pa.BufferReader(data), convert_options=opts)
-        else:
-            table = pq.read_table(pa.BufferReader(data))
-        if "uri" not in table.column_names:
-            raise ValueError(
-                f"image manifest {uri} has no 'uri' column (columns: {table.column_names}); "
-                "add a 'uri' column with one image path or URI per row"
-            )
-        column = table.column("uri")
-        if column.null_count:
-            raise ValueError(f"image manifest {uri} has {column.null_count} empty 'uri' values")
-        entries = [str(s).strip() for s in column.to_pylist()]
+        table = pq.read_table(pa.BufferReader(data))
+    if "uri" not in table.column_names:
+        raise ValueError(
+            f"image manifest {uri} has no 'uri' column (columns: {table.column_names}); "
+            "add a 'uri' column with one image path or URI per row"
+        )
+    column = table.column("uri")
+    if column.null_count:
+        raise ValueError(f"image manifest {uri} has {column.null_count} empty 'uri' values")
+    entries = [str(s).strip() for s in column.to_pylist()]
+    return _resolve_entries(fs, path, uri, entries)
+
+
+def _text_lines(lines: Iterable[str]) -> Iterator[str]:
+    """The entries of a .txt manifest: stripped lines (str.splitlines separators), minus empty
+    ones and '#' comments."""
+    for line in lines:
+        for part in line.splitlines():  # universal newlines split the file; this adds \v, \f, ...
+            entry = part.strip()
+            if entry and not entry.startswith("#"):
+                yield entry
+
+
+def _resolve_entries(fs: Any, path: str, uri: str, entries: Iterable[str]) -> list[str]:
+    """Manifest entries as URIs: relative ones resolve against the manifest's folder."""
     parent = posixpath.dirname(path)
     out = []
     for entry in entries:
@@ -405,7 +422,10 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list
         found = []
     if not found:
         raise ValueError(f"no images found at {uri!r}; expected {_INPUT_FORMS}")
-    return sorted(set(found))
+    found.sort()  # in place, then drop repeats: no set and no second list of every URI
+    if any(map(operator.eq, found, itertools.islice(found, 1, None))):
+        found = [u for u, prev in zip(found, [None, *found]) if u != prev]
+    return found
 
 
 def _version_tag(entry: dict[str, Any]) -> str:
