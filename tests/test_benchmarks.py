@@ -86,3 +86,31 @@ def test_knn_bench_prints_one_row_per_engine_with_recall_for_approximate_ones(
             assert 0.0 <= float(recall) <= 1.0 and float(row[10]) >= 1.0
         else:
             assert recall == "-"
+
+
+def test_cost_model_projects_step_time_as_compute_over_ranks_plus_collective(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import cost_model
+
+    # 1e6 patches at 1 %: 10,000 steps; one rank updates 1e9 rows/s -> 1 ms of compute per step
+    cost_model.main(["--patches", "1e6", "--ratio", "0.01", "--nodes", "1,2,4", "--archives", "1000",
+                     "--step-rows-per-s", "1e9", "--collective-ms", "1=0,2=0.3,4=0.6",
+                     "--extract-img-s", "10", "--score-img-s", "5"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip() and line.split()[0].isdigit()}
+    # columns: nodes, extract (value, unit), step ms, compute ms, collective ms, coreset, fit, score
+    step_ms = [float(rows[k][3]) for k in ("1", "2", "4")]
+    assert step_ms == pytest.approx([1.0, 0.8, 0.85])  # 1 / K + collective(K)
+    assert [float(rows[k][4]) for k in ("1", "2", "4")] == pytest.approx([1.0, 0.5, 0.25])
+    # 1,000 images at 5 img/s per node on 2 nodes: 100 s; 1e6 / 784 images at 10 img/s on 4 nodes
+    assert rows["2"][-2:] == ["1.7", "min"]
+    assert rows["4"][1:3] == [f"{1e6 / 784 / 40 / 60:.1f}", "min"]
+    assert "at 4 ranks" in out  # 0.25 ms of compute < 0.6 ms of collective
+
+
+def test_cost_model_measures_a_real_gloo_all_gather() -> None:
+    from benchmarks import cost_model
+
+    assert 0.0 < cost_model.measure_collective_ms(2, steps=20) < 1000.0
