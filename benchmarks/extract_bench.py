@@ -58,14 +58,16 @@ def texture(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def make_images(folder: str, count: int, size: int, seed: int = 0) -> list[str]:
-    """`count` seeded PNGs of size x size px in `folder` (reused when already there); their paths."""
+def make_images(folder: str, count: int, size: int, seed: int = 0, height: int | None = None
+                ) -> list[str]:
+    """`count` seeded PNGs of size x size px (size x height with `height`) in `folder` (reused
+    when already there); their paths."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(count):
         path = os.path.join(folder, f"{i:06d}.png")
-        pixels = texture(size, size, rng)  # drawn even when reused: image i is the same either way
+        pixels = texture(size, height or size, rng)  # drawn even when reused: image i is the same
         if not os.path.exists(path):
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import shutil
 import sys
@@ -29,30 +28,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.extract_bench import texture
+from benchmarks.extract_bench import make_images
 from benchmarks.throughput_bench import make_bank
 from jobs import pipeline, score
 from patchcore_core import preprocess, storage
 from patchcore_core.features import feature_width
 from patchcore_core.spec import ModelSpec, default_layers
-
-
-def make_inputs(folder: str, count: int, width: int, height: int) -> list[str]:
-    """`count` seeded width x height PNGs in `folder` (reused when there); their paths."""
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = os.path.join(folder, f"{i:03d}.png")
-        pixels = texture(width, height, rng)
-        if not os.path.exists(path):
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            storage.write_bytes(path, buffer.getvalue())
-        paths.append(path)
-    return paths
 
 
 class Clock:
@@ -91,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="maps-offload-")
     try:
         folder = os.path.join(workdir, f"inputs-{args.width}x{args.height}")
-        paths = make_inputs(folder, args.images, args.width, args.height)
+        paths = make_images(folder, args.images, args.width, height=args.height)
         spec = ModelSpec(backbone="efficientnet_lite0", layers=default_layers("efficientnet_lite0"))
         bank = os.path.join(workdir, "bank")
         shutil.rmtree(bank, ignore_errors=True)

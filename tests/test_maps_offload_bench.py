@@ -20,5 +20,5 @@ def test_maps_offload_bench_prints_the_actor_before_after_and_the_write_stage(tm
     assert set(rows) == {"model actor, before (inline)", "model actor, after",
                          "model actor, --no-maps", "write_files (CPU stage)"}
     assert rows["model actor, before (inline)"][2] == "1.00"
-    assert sorted(p.name for p in (tmp_path / "results" / "maps").iterdir()) == ["000.png.png",
-                                                                                 "001.png.png"]
+    assert sorted(p.name for p in (tmp_path / "results" / "maps").iterdir()) == ["000000.png.png",
+                                                                                 "000001.png.png"]
