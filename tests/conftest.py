@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 
 def _free_port() -> int:
@@ -124,3 +126,17 @@ def ray_cluster() -> Iterator[Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         if restart:
             _start_local_ray()
+
+
+def striped_png(rng: np.random.Generator, width: int, height: int,
+                defect: tuple[slice, slice] | None = None) -> bytes:
+    """Seeded striped RGB texture with noise as PNG bytes; `defect` (rows, cols) is painted bright
+    red, an anomaly that scores high."""
+    x = np.arange(width)[None, :]
+    gray = 128 + 60 * np.sin(x / 3.0) + 20 * rng.standard_normal((height, width))
+    pixels = np.clip(np.stack([gray, gray * 0.8, gray * 0.6], -1), 0, 255).astype(np.uint8)
+    if defect is not None:
+        pixels[defect] = (250, 30, 30)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import striped_png
 from PIL import Image
 
 from jobs import config as _cli
@@ -32,14 +33,7 @@ NIGHTS = ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04")
 
 def _texture(rng: np.random.Generator, defect: bool = False) -> bytes:
     """Seeded striped 48 x 40 PNG; `defect` paints a bright square (a high score)."""
-    x = np.arange(48)[None, :]
-    base = 128 + 60 * np.sin(x / 3.0) + 20 * rng.standard_normal((40, 48))
-    pixels = np.clip(np.stack([base, base * 0.8, base * 0.6], -1), 0, 255).astype(np.uint8)
-    if defect:
-        pixels[10:22, 14:30] = (250, 30, 30)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
+    return striped_png(rng, 48, 40, (slice(10, 22), slice(14, 30)) if defect else None)
 
 
 def _fit_bank(uri: str, ratio: float, bank_id: str) -> str:

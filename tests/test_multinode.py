@@ -23,7 +23,8 @@ import ray
 import torch
 from test_jobs_coreset import SPEC as SPEC_CORESET
 from test_jobs_coreset import bank_rows, job_args, make_feature_store, reference
-from test_jobs_extract_score import MODEL_FLAGS, SPEC, make_dataset, read_scores
+import test_jobs_extract_score
+from test_jobs_extract_score import MODEL_FLAGS, SPEC, read_scores
 
 from jobs import coreset as coreset_job
 from jobs import fit, score
@@ -37,6 +38,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]  # a hang fails, not s
 # 0.25 CPU for decode tasks (cluster.DECODE_CPUS).
 MULTI_FLAGS = ["--workers", "2", "--cpus-per-worker", "0.75", "--batch-size", "2",
                "--shard-size", "4", "--device", "cpu"]
+
+dataset = test_jobs_extract_score.dataset  # the same module-scoped fixture: tiny MVTec-style data
 
 
 def worker_nodes() -> set[str]:
@@ -72,13 +75,6 @@ def whole_pool_first() -> Iterator[None]:
         yield
     finally:
         context.wait_for_min_actors_s = saved
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_dataset(str(root))
-    return root
 
 
 @pytest.fixture(scope="module")

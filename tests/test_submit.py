@@ -6,7 +6,6 @@ anything is sent; credentials never travel with the job."""
 from __future__ import annotations
 
 import datetime as dt
-import io
 import os
 import posixpath
 import secrets
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from conftest import striped_png
 
 from jobs import cli, submit
 from patchcore_core import storage
@@ -265,14 +264,7 @@ def ray_cluster(s3_endpoint: str) -> Iterator[Cluster]:
 
 
 def _png(rng: np.random.Generator, defect: bool) -> bytes:
-    x = np.arange(64)[None, :]
-    gray = 128 + 60 * np.sin(x / 3.0) + 20 * rng.standard_normal((64, 64))
-    pixels = np.clip(np.stack([gray, gray * 0.8, gray * 0.6], -1), 0, 255).astype(np.uint8)
-    if defect:
-        pixels[20:34, 24:40] = (250, 30, 30)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return striped_png(rng, 64, 64, (slice(20, 34), slice(24, 40)) if defect else None)
 
 
 def _submit_cli(cluster: Cluster, argv: list[str]) -> subprocess.CompletedProcess:
