@@ -13,6 +13,7 @@ import json
 import operator
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
@@ -479,6 +480,140 @@ def list_image_versions(
     return [(u, size, version) for u, (size, version) in sorted(found.items())]
 
 
+LISTING_CHUNK = 10_000  # rows per chunk of iter_image_versions: ~10 MB of listing entries at most
+_STRINGS = np.dtypes.StringDType()  # numpy's variable-width UTF-8 strings: 16 B + text per row
+
+
+def _walk_local(path: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, version tag) of every non-directory below `path`, one os.scandir iterator per
+    open folder (memory: the depth of the tree, not its size). Size and tag as fsspec's local
+    `info` gives them (size of a link's target, the link's own mtime), so the versions equal
+    `list_image_versions`'."""
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    continue
+                try:
+                    own = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted since the folder was read: not an input of this listing
+                size = own.st_size
+                if entry.is_symlink():
+                    try:
+                        size = entry.stat().st_size
+                    except OSError:
+                        size = 0  # a dangling link: listed (scored as an error), as fsspec does
+                yield entry.path, size, f"{size}:{round(own.st_mtime * 1e9)}"
+
+
+def _walk_s3(fs: Any, path: str, chunk_size: int) -> Iterator[dict[str, Any]]:
+    """Every object below the prefix `path` ("bucket/key"), one ListObjectsV2 page (1000 keys) at a
+    time: a flat listing (no delimiter), pulled from s3fs's async iterator `chunk_size` entries per
+    trip into its event loop, so at most one chunk of entries exists at once."""
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+    pages = fs._iterdir(bucket, delimiter="", prefix=f"{key.rstrip('/')}/" if key else "")
+
+    async def take() -> list[dict[str, Any]]:
+        out = []
+        async for entry in pages:
+            out.append(entry)
+            if len(out) == chunk_size:
+                break
+        return out
+
+    while batch := sync(fs.loop, take):
+        yield from batch
+
+
+def _walk_any(fs: Any, path: str) -> Iterator[dict[str, Any]]:
+    """Every entry below `path` on any fsspec filesystem: one `ls` per folder (memory: the largest
+    folder plus the folders still to visit)."""
+    stack = [path]
+    while stack:
+        for entry in fs.ls(stack.pop(), detail=True):
+            if entry.get("type") == "directory":
+                stack.append(entry["name"])
+            else:
+                yield entry
+
+
+def _listed_versions(fs: Any, path: str, uri: str, chunk_size: int,
+                     storage_options: dict[str, Any] | None) -> Iterator[tuple[str, int, str]]:
+    """(uri, size, version) of each image at `uri` (a folder, glob, manifest or one image), in
+    listing order, streamed; the forms and versions of `list_image_versions`."""
+    pattern = None
+    if _has_magic(uri):  # a glob: stream its fixed leading folders, keep the paths it matches
+        pattern = re.compile(fsspec.utils.glob_translate(path))
+        fixed = path.split("/")
+        path = "/".join(fixed[:next(i for i, p in enumerate(fixed) if _has_magic(p))])
+    if pattern is not None and not fs.isdir(path):
+        return
+    if pattern is None and not fs.isdir(path):
+        if fs.isfile(path) and _is_image_name(path):
+            entries: Iterable[tuple[str, int, str]] = [(path, *_size_version(fs.info(path)))]
+        elif path.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(path):
+            yield from _manifest_versions(fs, path, uri, storage_options)
+            return
+        else:
+            return
+    elif _is_local(fs):
+        entries = _walk_local(path)
+    else:
+        walk = _walk_s3(fs, path, chunk_size) if _is_s3(fs) else _walk_any(fs, path)
+        entries = ((e["name"], *_size_version(e)) for e in walk if e.get("type") != "directory")
+    for name, size, version in entries:
+        if _is_image_name(name) and (pattern is None or pattern.match(name)):
+            yield _to_uri(fs, name), size, version
+
+
+def _size_version(entry: dict[str, Any]) -> tuple[int, str]:
+    """(size in bytes, "<size>:<tag>") of one listing entry."""
+    size = int(entry.get("size") or 0)
+    return size, f"{size}:{_version_tag(entry)}"
+
+
+def _manifest_versions(fs: Any, path: str, uri: str, storage_options: dict[str, Any] | None
+                       ) -> Iterator[tuple[str, int, str]]:
+    """Entries of a manifest file with their versions, one lookup each ("missing" when absent)."""
+    for entry_uri in _manifest_entries(fs, path, uri):
+        entry_fs, entry_path = url_to_fs(entry_uri, storage_options)
+        info = entry_fs.info(entry_path) if entry_fs.exists(entry_path) else None
+        yield (entry_uri, *_size_version(info)) if info is not None else (entry_uri, 0, "missing")
+
+
+def iter_image_versions(
+    uri: str, storage_options: dict[str, Any] | None = None, *, chunk_size: int = LISTING_CHUNK
+) -> Iterator[dict[str, np.ndarray]]:
+    """`list_image_versions` streamed: chunks {"uri", "version": StringDType (n,), "size": int64
+    (n,) bytes} of at most `chunk_size` rows, in listing order (not sorted, not de-duplicated).
+
+    Why: the nightly planner keeps only the inputs not yet scored; holding the whole listing first
+    costs ~1 KB per object (fsspec's dicts), 1 GB per million. Here a folder is walked one
+    directory entry (local) or one chunk of 1000-key pages (S3) at a time, so the listing itself
+    holds O(chunk_size) entries. Manifest files still read their URI list whole (as list_images).
+    ValueError when nothing is found.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    fs, path = url_to_fs(uri, storage_options)
+    _uncached(fs)
+    rows = _listed_versions(fs, path, uri, chunk_size, storage_options)
+    found = False
+    while batch := list(itertools.islice(rows, chunk_size)):
+        found = True
+        uris, sizes, versions = zip(*batch)
+        del batch
+        yield {"uri": np.array(uris, dtype=_STRINGS), "size": np.array(sizes, dtype=np.int64),
+               "version": np.array(versions, dtype=_STRINGS)}
+    if not found:
+        raise ValueError(f"no images found at {uri!r}; expected {_INPUT_FORMS}")
+
+
 def subfolders(folder: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Sorted base names of the folders (prefixes) directly in `folder`; [] when it is missing."""
     fs, path = url_to_fs(folder, storage_options)
@@ -837,6 +972,11 @@ def load_bank(
     disagree with the manifest.
     """
     manifest = read_manifest(uri, "bank", storage_options)
+    if "ensemble" in manifest:
+        raise ValueError(
+            f"bank {uri} is an ensemble of {len(manifest['ensemble']['members'])} members, not one "
+            "bank; load it with patchcore_core.ensemble.load (jobs do), or load one member folder"
+        )
     spec = ModelSpec.from_json(manifest["spec"])
     if expected_spec is not None and spec != expected_spec:
         raise ValueError(
