@@ -321,13 +321,15 @@ def run(config: BenchmarkConfig) -> int:
                 log.error("category %s failed (exit status %d); fix it and rerun to resume",
                           category.name, status)
                 return status
-    spec = config.model_spec()
+    specs = config.model_specs()  # several: an ensemble (--backbone a,b)
+    spec = specs[0]
     coreset = f"size {config.size}" if config.size is not None else f"ratio {config.effective_ratio:g}"
     result = {
         "suite": "mvtec",
         "root": config.root,
         "device": device,
-        "settings": {"backbone": spec.backbone, "layers": ",".join(spec.layers), "resize": spec.resize,
+        "settings": {"backbone": ",".join(s.backbone for s in specs),
+                     "layers": ";".join(",".join(s.layers) for s in specs), "resize": spec.resize,
                      "crop": spec.crop, "embed_dim": spec.embed_dim, "coreset": coreset,
                      "aggregation": spec.aggregation, "frame": spec.frame},
         "categories": rows,

@@ -240,11 +240,15 @@ _SPEC_DEFAULTS = ModelSpec  # class attributes hold the field defaults
 class ModelFlags(Flags):
     """The model flags of DESIGN.md §5: they make the ModelSpec that every bank records."""
 
-    backbone: str = arg("wide_resnet50_2|wide_resnet101_2|resnet18|resnet50|efficientnet_lite0",
-                        _SPEC_DEFAULTS.backbone)
+    backbone: str = arg("wide_resnet50_2|wide_resnet101_2|resnet18|resnet50|efficientnet_lite0; "
+                        "a comma-separated list (`fit` only) builds an ensemble, one member per "
+                        "backbone (paper Table S5)", _SPEC_DEFAULTS.backbone)
     weights: str = arg("default (standard ImageNet weights) | none (random, tests) | URI of a "
-                       "state dict", _SPEC_DEFAULTS.weights)
-    layers: str = arg("comma-separated backbone stages; '' = the backbone's default", "")
+                       "state dict; for an ensemble one value for all members or one per "
+                       "member separated by ';'", _SPEC_DEFAULTS.weights)
+    layers: str = arg("comma-separated backbone stages; '' = the backbone's default; for an "
+                      "ensemble one list per member separated by ';' (e.g. "
+                      "'layer2,layer3;blocks.2,blocks.4')", "")
     resize: int = arg("shorter side in px before the centre crop", _SPEC_DEFAULTS.resize)
     crop: int = arg("square crop in px fed to the backbone", _SPEC_DEFAULTS.crop)
     patch_size: int = arg("p of the p x p neighbourhood aggregation", _SPEC_DEFAULTS.patch_size)
@@ -267,18 +271,52 @@ class ModelFlags(Flags):
         if self.feature_dtype not in storage.FEATURE_DTYPES:
             raise ValueError(f"--feature-dtype must be one of {', '.join(storage.FEATURE_DTYPES)}, "
                              f"got {self.feature_dtype!r}")
-        self.model_spec()  # raises ValueError on a bad combination
+        self.model_specs()  # raises ValueError on a bad combination
         super().__post_init__()
 
-    def model_spec(self) -> ModelSpec:
-        """The ModelSpec these flags describe (raises ValueError on a bad combination)."""
-        layers = parse_layers(self.layers) if self.layers else default_layers(self.backbone)
-        return ModelSpec(
-            backbone=self.backbone, weights=self.weights, layers=layers, resize=self.resize,
-            crop=self.crop, patch_size=self.patch_size, embed_dim=self.embed_dim,
-            reweight_neighbors=self.reweight_neighbors, sigma=self.sigma,
-            aggregation=self.aggregation, frame=self.frame, low_rank=self.low_rank,
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """One ModelSpec per --backbone entry (several: an ensemble's members, which share every
+        flag but the backbone, weights and layers); raises ValueError on a bad combination."""
+        backbones = [b.strip() for b in self.backbone.split(",")]
+        count = len(backbones)
+        weights = _per_member(self.weights, count, "--weights")
+        layer_lists = _per_member(self.layers, count, "--layers") if count > 1 or self.layers else [""]
+        return tuple(
+            ModelSpec(
+                backbone=backbone, weights=weight,
+                layers=parse_layers(layers) if layers else default_layers(backbone),
+                resize=self.resize, crop=self.crop, patch_size=self.patch_size,
+                embed_dim=self.embed_dim, reweight_neighbors=self.reweight_neighbors,
+                sigma=self.sigma, aggregation=self.aggregation, frame=self.frame,
+                low_rank=self.low_rank,
+            )
+            for backbone, weight, layers in zip(backbones, weights, layer_lists)
         )
+
+    def model_spec(self) -> ModelSpec:
+        """The one ModelSpec of a single --backbone (ValueError for an ensemble's list: only
+        `patchcore fit` builds ensembles; score them with `patchcore score --bank`)."""
+        specs = self.model_specs()
+        if len(specs) > 1:
+            raise ValueError(
+                f"--backbone {self.backbone!r} names {len(specs)} backbones (an ensemble), which "
+                "only `patchcore fit` builds; pass one backbone here")
+        return specs[0]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return "," in self.backbone
+
+
+def _per_member(value: str, count: int, flag: str) -> list[str]:
+    """A ';'-separated per-member flag value: one entry for all members, or one per member."""
+    parts = [part.strip() for part in value.split(";")] if count > 1 else [value]
+    if len(parts) == 1:
+        return parts * count
+    if len(parts) != count:
+        raise ValueError(f"{flag} {value!r} has {len(parts)} ';'-separated entries for {count} "
+                         f"backbones; give one value for all members or one per backbone")
+    return parts
 
 
 @dataclass(frozen=True, kw_only=True)

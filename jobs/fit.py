@@ -11,6 +11,7 @@ with the thresholds; its features stay as the coreset step wrote them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 import sys
@@ -36,12 +37,16 @@ from jobs.config import (
     parse_config,
 )
 from jobs.folders import OutputFolder, failed, inputs_digest, make_shards, reuse_committed
-from patchcore_core import scoring, storage
+from patchcore_core import ensemble, scoring, storage
 from patchcore_core.spec import ModelSpec
 
 log = logging.getLogger("jobs.fit")
 
 FEATURES_DIR = "_features"
+ENSEMBLE_MIN_CALIBRATION = 2  # a member's nominal mean and std need two images at least
+# the flags besides specs and inputs that make two ensemble fits the same fit
+ENSEMBLE_IDENTITY = ("features_out", "feature_dtype", "ratio", "size", "projection_dim", "seed",
+                     "calibration_fraction", "max_calibration_images", "target_fpr")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,17 +87,24 @@ class FitConfig(PipelineFlags, ModelFlags, CoresetFlags):
         )
 
 
-def split_calibration(uris: Sequence[str], fraction: float, cap: int) -> tuple[list[str], list[str]]:
+def split_calibration(uris: Sequence[str], fraction: float, cap: int, minimum: int = 1
+                      ) -> tuple[list[str], list[str]]:
     """(train, calibration) of a sorted list: every round(1/fraction)-th image (positions step-1,
-    2*step-1, ...) is held out, at least one when there are >= 2 images, at most `cap`."""
+    2*step-1, ...) is held out, at most `cap`; when that is fewer than `minimum` (1; an
+    ensemble's statistics need 2), the last images not yet held out are added."""
     if fraction <= 0:
         return list(uris), []
-    if len(uris) < 2:
-        raise ValueError(f"need >= 2 training images to hold one out for calibration, got {len(uris)}; "
-                         "add images or pass --calibration-fraction 0 (a bank without thresholds)")
+    if len(uris) <= minimum:
+        raise ValueError(f"need >= {minimum + 1} training images to hold {minimum} out for "
+                         f"calibration, got {len(uris)}; add images or pass "
+                         "--calibration-fraction 0 (a bank without thresholds; not for ensembles)")
     step = max(2, round(1 / fraction))
-    held = list(range(step - 1, len(uris), step))[:cap] or [len(uris) - 1]
-    held_set = set(held)
+    held_set = set(list(range(step - 1, len(uris), step))[:cap])
+    for position in range(len(uris) - 1, -1, -1):
+        if len(held_set) >= min(minimum, cap) and held_set:
+            break
+        held_set.add(position)
+    held = sorted(held_set)
     return [u for i, u in enumerate(uris) if i not in held_set], [uris[i] for i in held]
 
 
@@ -117,13 +129,17 @@ def calibrate(cfg: FitConfig, spec: ModelSpec, uris: Sequence[str], device: str
     return np.concatenate(scores), np.concatenate(maps), errors
 
 
-def run(cfg: FitConfig) -> int:
-    """The job; returns the exit status (2 when more inputs failed than --max-failures)."""
+def run(cfg: FitConfig, *, min_calibration: int = 1) -> int:
+    """The job; returns the exit status (2 when more inputs failed than --max-failures).
+    min_calibration: images held out at least (an ensemble's members hold out 2)."""
     log.info("config %s", config_json(cfg))
+    if cfg.is_ensemble:
+        return run_ensemble(cfg)
     options = cfg.options
     spec = cfg.model_spec()
     uris = storage.list_images(cfg.train, options)
-    train, held_out = split_calibration(uris, cfg.calibration_fraction, cfg.max_calibration_images)
+    train, held_out = split_calibration(uris, cfg.calibration_fraction, cfg.max_calibration_images,
+                                        min_calibration)
     identity = {"spec": spec.to_json(), "inputs": inputs_digest(uris), "num_inputs": len(uris),
                 "features": cfg.features_uri, "feature_dtype": cfg.feature_dtype,
                 "ratio": cfg.ratio, "size": cfg.size, "projection_dim": cfg.projection_dim,
@@ -185,6 +201,93 @@ def run(cfg: FitConfig) -> int:
         log.info("bank %s committed: %d entries, image threshold %s, pixel threshold %s",
                  cfg.out, bank["counts"]["num_entries"], thresholds["image_threshold"],
                  thresholds["pixel_threshold"])
+        return status
+
+
+def member_config(cfg: FitConfig, spec: ModelSpec, name: str, bank_id: str) -> FitConfig:
+    """The plain fit of one ensemble member: its backbone, weights and layers, into
+    <out>/members/<name> (features under <features-out>/<name> when given)."""
+    return dataclasses.replace(
+        cfg, backbone=spec.backbone, weights=spec.weights, layers=",".join(spec.layers),
+        out=ensemble.member_uri(cfg.out, name),
+        features_out=storage.join_uri(cfg.features_out, name) if cfg.features_out else "",
+        bank_id=f"{bank_id}/{name}")
+
+
+def run_ensemble(cfg: FitConfig) -> int:
+    """An ensemble (paper Table S5): one plain, resumable fit per backbone into
+    <out>/members/<i>-<backbone>, then each member scores the same held-out nominal images
+    again (the statistics need its maps, which a member's fit does not keep) and the ensemble's
+    statistics, combined calibration scores and thresholds go into <out>/manifest.json, written
+    last (patchcore_core.ensemble)."""
+    options = cfg.options
+    specs = cfg.model_specs()
+    ensemble.check_specs(specs)
+    if cfg.calibration_fraction <= 0:
+        raise ValueError("--calibration-fraction 0: an ensemble standardises each member by its "
+                         "scores on held-out nominal images; pass a fraction > 0 (default 0.1)")
+    names = ensemble.member_names(specs)
+    uris = storage.list_images(cfg.train, options)
+    _, held_out = split_calibration(uris, cfg.calibration_fraction, cfg.max_calibration_images,
+                                    ENSEMBLE_MIN_CALIBRATION)
+    if cfg.max_calibration_images < 2:
+        raise ValueError(f"--max-calibration-images {cfg.max_calibration_images}: an ensemble's "
+                         "statistics need >= 2 calibration images")
+    identity = {"specs": [s.to_json() for s in specs], "members": names,
+                "inputs": inputs_digest(uris), "num_inputs": len(uris),
+                **{k: getattr(cfg, k) for k in ENSEMBLE_IDENTITY}}
+    done = reuse_committed(cfg.out, "bank", options, overwrite=cfg.overwrite, identity=identity,
+                           saved_identity=lambda m: (m["info"].get("fit") or {}).get("identity"))
+    if done is not None:
+        return done["info"]["fit"]["status"]
+    bank_id = cfg.bank_id or posixpath.basename(storage.normalise_uri(cfg.out))
+    log.info("ensemble fit: %d members %s, %d images, %d held out for calibration",
+             len(specs), names, len(uris), len(held_out))
+    members = [member_config(cfg, spec, name, bank_id) for spec, name in zip(specs, names)]
+    with OutputFolder(cfg.out, options).locked() as folder, cluster.ray_session():
+        if cfg.overwrite and not cfg.dry_run:  # no old manifest may name half-refitted members
+            storage.remove(storage.join_uri(cfg.out, storage.MANIFEST_NAME), options)
+        statuses = []
+        for name, member in zip(names, members):
+            log.info("ensemble member %s: fitting into %s", name, member.out)
+            statuses.append(run(member, min_calibration=ENSEMBLE_MIN_CALIBRATION))
+            if cfg.dry_run:
+                continue
+            if not storage.is_committed(member.out, options):
+                log.error("member %s built no bank; no ensemble written", name)
+                return 2
+        if cfg.dry_run:
+            return 0
+        device = cluster.resolve_device(cfg.device)
+        stats, scores, maps, counts = [], [], [], []
+        for name, member, spec in zip(names, members, specs):
+            log.info("ensemble member %s: scoring %d calibration images", name, len(held_out))
+            member_scores, member_maps, _ = calibrate(member, spec, held_out, device)
+            stats.append(ensemble.MemberStats.from_calibration(member_scores, member_maps))
+            scores.append(torch.from_numpy(member_scores))
+            maps.append(torch.from_numpy(member_maps))
+            counts.append(storage.read_manifest(member.out, "bank", options)["counts"])
+        if len({len(s) for s in scores}) != 1:
+            raise ValueError(f"members read different numbers of calibration images "
+                             f"{[len(s) for s in scores]}; rerun the fit")
+        combined = ensemble.combine(scores, [s.image_mean for s in stats],
+                                    [s.image_std for s in stats])
+        pixels = ensemble.combine(maps, [s.pixel_mean for s in stats], [s.pixel_std for s in stats])
+        status = max(statuses)
+        calibration = {"images": len(held_out), "readable": len(combined),
+                       "target_fpr": cfg.target_fpr,
+                       "scores": sorted(float(s) for s in combined)}
+        info = {"bank_id": bank_id, "fit": {"identity": identity, "status": status,
+                                            "config": config_dict(cfg), "calibration": calibration,
+                                            "member_status": dict(zip(names, statuses))}}
+        body = ensemble.manifest_body(
+            names, specs, stats, counts,
+            scoring.threshold_for_fpr(combined, cfg.target_fpr),
+            scoring.threshold_for_fpr(pixels.reshape(-1), cfg.target_fpr), info)
+        folder.verify_lock()  # only the run holding --out commits it
+        storage.write_manifest(cfg.out, body, kind="bank", storage_options=options)
+        log.info("ensemble bank %s committed: members %s, image threshold %s, pixel threshold %s",
+                 cfg.out, names, body["image_threshold"], body["pixel_threshold"])
         return status
 
 

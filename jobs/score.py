@@ -59,7 +59,7 @@ from jobs.folders import (
     scores_file,
 )
 from jobs.pipeline import stream_shards
-from patchcore_core import knn, model, preprocess, storage
+from patchcore_core import ensemble, knn, model, preprocess, storage
 from patchcore_core.spec import ModelSpec
 
 log = logging.getLogger("jobs.score")
@@ -130,31 +130,47 @@ class ScoreActor:
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor (stream_shards)
         cluster.keep_freed_memory()  # activations reused batch to batch, not page-faulted in again
         self.knn_options = knn_options if knn_options is not None else knn.KnnOptions()
-        # one index, the one --knn asks for, searching on the CPUs Ray reserved for this actor
-        self.model = model.load(bank, device, storage_options=storage_options,
-                                knn_options=self.knn_options, threads=threads)
-        if self.model.index.engine == "torch-cuda-exact":
-            log.warning("the installed faiss has no GPU support: exact kNN runs through torch on %s",
-                        self.model.device)
-        log.info("kNN engine %s", json.dumps(self.model.index.describe(), sort_keys=True))
+        # one index per bank (an ensemble: per member), the one --knn asks for, searching on the
+        # CPUs Ray reserved for this actor
+        self.model = ensemble.load(bank, device, storage_options=storage_options,
+                                   knn_options=self.knn_options, threads=threads)
+        self.members = ensemble.members_of(self.model)
+        for member in self.members:
+            if member.index.engine == "torch-cuda-exact":
+                log.warning("the installed faiss has no GPU support: exact kNN runs through torch "
+                            "on %s", member.device)
+            log.info("kNN engine %s", json.dumps(member.index.describe(), sort_keys=True))
         self.knn_report = ""  # JSON, set by the first batch with a readable image
         self.return_maps = return_maps
 
     def _measure_knn(self, images: torch.Tensor, uris: Sequence[str]) -> str:
         """The kNN report (JSON): index.describe(), plus for approximate indexes `recall` (see
         knn.measure_recall) on a seeded sample of knn.RECALL_QUERIES patches of `images`
-        (B, 3, S, S), the first RECALL_IMAGES of the actor's first readable batch."""
-        index = self.model.index
-        report: dict[str, Any] = index.describe()
-        if index.method != "exact":
-            patches = model.embed_images(self.model.extractor, images[:RECALL_IMAGES],
-                                         self.model.spec, batch_size=RECALL_IMAGES)
-            queries = patches.reshape(-1, patches.shape[-1])  # (n * h * w, D)
-            generator = torch.Generator().manual_seed(self.knn_options.seed)
-            pick = torch.randperm(queries.shape[0], generator=generator)[: knn.RECALL_QUERIES]
-            report["recall"] = {**knn.measure_recall(index, queries[pick]),
-                                "images": [str(u) for u in uris[:RECALL_IMAGES]]}
+        (B, 3, S, S), the first RECALL_IMAGES of the actor's first readable batch. An ensemble
+        reports its members' engines comma-joined, their params by member name, and recall
+        summed over members (hits and queries; the distance ratio weighted by queries)."""
+        described = [m.index.describe() for m in self.members]
+        report: dict[str, Any] = dict(described[0])
+        if isinstance(self.model, ensemble.Ensemble):
+            report["engine"] = ",".join(sorted({d["engine"] for d in described}))
+            report["params"] = {n: d["params"] for n, d in zip(self.model.names, described)}
+        if self.members[0].index.method != "exact":
+            measured = [self._member_recall(m, images) for m in self.members]
+            hits, queries = sum(r["hits"] for r in measured), sum(r["num_queries"] for r in measured)
+            report["recall"] = {
+                "hits": hits, "num_queries": queries, "recall_at_1": hits / queries,
+                "distance_ratio_mean": sum(r["distance_ratio_mean"] * r["num_queries"]
+                                           for r in measured) / queries,
+                "images": [str(u) for u in uris[:RECALL_IMAGES]]}
         return json.dumps(report, sort_keys=True)
+
+    def _member_recall(self, member: model.PatchCore, images: torch.Tensor) -> dict[str, Any]:
+        patches = model.embed_images(member.extractor, images[:RECALL_IMAGES], member.spec,
+                                     batch_size=RECALL_IMAGES)
+        queries = patches.reshape(-1, patches.shape[-1])  # (n * h * w, W)
+        generator = torch.Generator().manual_seed(self.knn_options.seed)
+        pick = torch.randperm(queries.shape[0], generator=generator)[: knn.RECALL_QUERIES]
+        return knn.measure_recall(member.index, queries[pick])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -167,7 +183,7 @@ class ScoreActor:
             images = torch.from_numpy(batch["image"][rows])
             if not self.knn_report:
                 self.knn_report = self._measure_knn(images, [batch["uri"][i] for i in rows])
-            prediction = model.predict(self.model, images, batch_size=len(rows))
+            prediction = ensemble.predict(self.model, images, batch_size=len(rows))
             spec = self.model.spec
             for j, i in enumerate(rows):
                 width, height = int(batch["width"][i]), int(batch["height"][i])
@@ -287,12 +303,16 @@ def run(cfg: ScoreConfig) -> int:
     if image_threshold is None:
         log.warning("bank %s has no image threshold: the anomalous column will be null", cfg.bank)
     knn_options = cfg.knn_options()
-    bank_counts = bank_manifest.get("counts", {})
-    if "num_entries" in bank_counts and "embed_dim" in bank_counts:  # bad --knn-* fail here
-        num_entries, dim = bank_counts["num_entries"], bank_counts["embed_dim"]
-        knn_params = knn.ivf_params(knn_options, num_entries, dim)
-        log.info("knn %s on a bank of %d x %d: params %s", knn_options.method, num_entries, dim,
-                 json.dumps(knn_params, sort_keys=True))
+    member_counts = ([e["counts"] for e in ensemble.member_entries(bank_manifest)]
+                     if ensemble.is_ensemble(bank_manifest) else [bank_manifest.get("counts", {})])
+    for bank_counts in member_counts:  # bad --knn-* fail here, before any work
+        if "num_entries" in bank_counts and ("feature_width" in bank_counts
+                                              or "embed_dim" in bank_counts):
+            num_entries = bank_counts["num_entries"]
+            dim = bank_counts.get("feature_width", bank_counts.get("embed_dim"))
+            knn_params = knn.ivf_params(knn_options, num_entries, dim)
+            log.info("knn %s on a bank of %d x %d: params %s", knn_options.method, num_entries,
+                     dim, json.dumps(knn_params, sort_keys=True))
     if cfg.incremental:  # nightly runs into one location: jobs.incremental
         return incremental.run(cfg, bank_manifest, knn_options, score_shards, knn_summary)
     incremental.check_plain_target(cfg.out, options)

@@ -142,3 +142,23 @@ def test_first_argument_must_be_a_suite(argv: list[str], capsys: pytest.CaptureF
         benchmark.main(argv)
     assert exited.value.code == 2
     assert "the first argument is the suite (mvtec, lowshot, sweep)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_of_an_ensemble_records_its_members(
+    mvtec_root: Path, tmp_path: Path, ray_local: None
+) -> None:
+    out = tmp_path / "bench"
+    members = ["--layers", "blocks.2,blocks.4;blocks.1,blocks.3"]
+    argv = ["mvtec", "--root", str(mvtec_root), "--out", str(out), "--categories", "brick", *TINY,
+            "--backbone", "efficientnet_lite0,efficientnet_lite0", *members]
+    benchmark.main(argv)
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["settings"]["backbone"] == "efficientnet_lite0,efficientnet_lite0"
+    assert result["settings"]["layers"] == "blocks.2,blocks.4;blocks.1,blocks.3"
+    bank = storage.read_manifest(str(out / "brick" / "bank"), "bank")
+    names = [m["name"] for m in bank["ensemble"]["members"]]
+    assert names == ["0-efficientnet_lite0", "1-efficientnet_lite0"]
+    assert result["categories"]["brick"]["bank_entries"] == bank["counts"]["num_entries"] == sum(
+        m["counts"]["num_entries"] for m in bank["ensemble"]["members"])
+    assert 0.0 <= result["categories"]["brick"]["image_auroc"] <= 1.0
