@@ -27,6 +27,9 @@ from patchcore_core import metrics, preprocess, storage
 log = logging.getLogger("jobs.evaluate")
 
 MAP_CHOICES = ("raw", "png", "none")  # which maps of a results folder the pixel metrics read
+# `score --incremental` layout (jobs.incremental, not imported here: it imports Ray):
+# runs/run=ID/manifest.json commits scores/run=ID/part-*.parquet and errors/run=ID/part-*.parquet
+RUNS_DIR = "runs"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,8 @@ class EvaluateConfig(StorageFlags):
     num_bins: int = arg("score bins of the streaming pixel metrics (raw maps)", 2000)
     max_fpr: float = arg("PRO is integrated from FPR 0 to this value and normalised", 0.3)
     overlays: int = arg("worst nominal and worst defective images drawn per category", 2)
+    run_id: str = arg("--results written by `score --incremental`: evaluate the run=ID partition "
+                      "only; '' = every committed run, taking each input's latest row", "")
     overwrite: bool = arg("replace a finished report in --out", False)
     dry_run: bool = arg("read manifests, dataset and scores, match them, then stop", False)
     log_level: str = arg("DEBUG, INFO, WARNING or ERROR", "INFO")
@@ -92,17 +97,24 @@ class Scored:
 
 
 def read_results(
-    folder: str, maps: str, options: dict[str, Any]
+    folder: str, maps: str, options: dict[str, Any], run_id: str = ""
 ) -> tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]:
     """(folder info, result rows, {uri: error}) of one committed results folder.
 
     maps: --maps; "auto" takes raw maps, else PNG maps, else none. Spec and thresholds come from
     the results manifest, or from the bank manifest it names. Rows: uri, rel, score, anomalous,
     width, height from scores/part-*.parquet, plus map_uri. The error dict (errors/part-*.parquet)
-    is keyed by datasets.uri_key, as match_test_items looks it up. FileNotFoundError when the
+    is keyed by datasets.uri_key, as match_test_items looks it up. An --incremental location
+    (runs/run=ID) is read by `read_incremental` (`run_id`: one run). FileNotFoundError when the
     folder is not committed; ValueError when the manifest has neither the thresholds nor a bank
     URI, the asked map kind was not written, or PNG maps come from a bank without a pixel threshold.
     """
+    runs = storage.join_uri(folder, RUNS_DIR)
+    if not storage.is_committed(folder, options) and storage.subfolders(runs, options):
+        return read_incremental(folder, maps, options, run_id)
+    if run_id:
+        raise ValueError(f"--run-id {run_id}: {folder} is not an --incremental results location "
+                         f"(no {RUNS_DIR}/run=ID); drop --run-id")
     manifest = storage.read_manifest(folder, "results", options)
     if all(k in manifest for k in ("spec", "image_threshold", "pixel_threshold")):
         source = manifest  # the score job copies the bank's spec and thresholds
@@ -113,6 +125,24 @@ def read_results(
             f"results manifest of {folder} has neither the bank's spec and thresholds nor a bank "
             "reference; was it written by `patchcore score`?"
         )
+    info = folder_info(folder, manifest, source, maps)
+    rows: list[dict[str, Any]] = []
+    for part in storage.list_files(storage.join_uri(folder, "scores"), "part-*.parquet", options):
+        rows += storage.read_rows(part, RESULT_COLUMNS, options)
+    errors: dict[str, str] = {}
+    for part in storage.list_files(storage.join_uri(folder, "errors"), "part-*.parquet", options):
+        for row in storage.read_rows(part, ["uri", "error"], options):
+            errors[datasets.uri_key(row["uri"])] = row["error"]
+    return info, with_maps(info, rows), errors
+
+
+RESULT_COLUMNS = ["uri", "rel", "score", "anomalous", "width", "height"]
+
+
+def folder_info(folder: str, manifest: dict[str, Any], source: dict[str, Any], maps: str
+                ) -> ResultsFolder:
+    """The map kind to use (--maps; "auto": raw, else png, else none), spec and thresholds of a
+    results folder; ValueError for a map kind it lacks, or PNG maps without a pixel threshold."""
     spec = source["spec"]
     available = [k for k in ("raw", "png") if manifest.get("maps", {}).get(k)]
     if maps == "auto":
@@ -133,17 +163,71 @@ def read_results(
             f"results {folder}: 8-bit PNG maps are scaled by the bank's pixel threshold, but the "
             "bank has none; use --maps raw or a calibrated bank"
         )
-    rows: list[dict[str, Any]] = []
-    columns = ["uri", "rel", "score", "anomalous", "width", "height"]
-    for part in storage.list_files(storage.join_uri(folder, "scores"), "part-*.parquet", options):
-        rows += storage.read_rows(part, columns, options)
+    return info
+
+
+def with_maps(info: ResultsFolder, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` with map_uri: where the chosen map of each lies (None for --maps none)."""
     for row in rows:
-        row["map_uri"] = None if chosen == "none" else map_uri(folder, row["rel"], chosen)
-    errors: dict[str, str] = {}
-    for part in storage.list_files(storage.join_uri(folder, "errors"), "part-*.parquet", options):
-        for row in storage.read_rows(part, ["uri", "error"], options):
-            errors[datasets.uri_key(row["uri"])] = row["error"]
-    return info, rows, errors
+        row["map_uri"] = None if info.maps == "none" else map_uri(info.uri, row["rel"], info.maps)
+    return rows
+
+
+def committed_runs(folder: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{run id: manifest} of the committed runs of an --incremental location; an unfinished run
+    (no manifest yet: its rows may be partial) is left out, with a warning."""
+    runs = {}
+    for name in storage.subfolders(storage.join_uri(folder, RUNS_DIR), options):
+        state = storage.join_uri(folder, RUNS_DIR, name)
+        if not name.startswith("run="):
+            continue
+        if storage.is_committed(state, options):
+            runs[name[len("run="):]] = storage.read_manifest(state, "results", options)
+        else:
+            log.warning("%s: run %s is unfinished (no manifest yet); its rows are not evaluated",
+                        folder, name)
+    return runs
+
+
+def read_incremental(
+    folder: str, maps: str, options: dict[str, Any], run_id: str
+) -> tuple[ResultsFolder, list[dict[str, Any]], dict[str, str]]:
+    """`read_results` of an --incremental location: run=`run_id`, or every committed run.
+
+    Over several runs an input scored more than once (it changed, or failed then was fixed) counts
+    by its latest row (scored_at, then run id), an error included, so each input counts once as
+    the archive stands now. ValueError when the chosen runs used different banks (their scores
+    do not compare): pick one with --run-id. FileNotFoundError for an unknown --run-id.
+    """
+    runs = committed_runs(folder, options)
+    if run_id and run_id not in runs:
+        raise FileNotFoundError(f"{folder} has no committed run {run_id!r} (committed: "
+                                f"{sorted(runs) or 'none'}); pass one of them to --run-id, or "
+                                "finish that run first")
+    chosen = [run_id] if run_id else sorted(runs)
+    if not chosen:
+        raise FileNotFoundError(f"{folder} has no committed --incremental run; finish one first")
+    banks = sorted({(runs[r]["bank_id"], runs[r]["bank_digest"]) for r in chosen})
+    if len(banks) > 1:
+        raise ValueError(f"{folder}: its runs used {len(banks)} banks ({', '.join(i for i, _ in banks)}); "
+                         "their scores do not compare: pass --run-id to evaluate one run")
+    info = folder_info(folder, runs[chosen[-1]], runs[chosen[-1]], maps)  # one bank: one spec
+    newest: dict[str, tuple[Any, str, dict[str, Any] | None, str]] = {}  # uri -> latest outcome
+    for run in chosen:
+        for sub in ("scores", "errors"):
+            parts = storage.list_files(storage.join_uri(folder, sub, f"run={run}"), "part-*.parquet",
+                                       options)
+            columns = RESULT_COLUMNS if sub == "scores" else ["uri", "error"]
+            for part in parts:
+                for row in storage.read_rows(part, [*columns, "scored_at"], options):
+                    when = (row.pop("scored_at"), run)
+                    if row["uri"] not in newest or newest[row["uri"]][:2] < when:
+                        newest[row["uri"]] = (*when, row if sub == "scores" else None,
+                                              row.get("error", ""))
+    rows = [row for _, _, row, _ in newest.values() if row is not None]
+    errors = {datasets.uri_key(uri): error for uri, (_, _, row, error) in newest.items()
+              if row is None}
+    return info, with_maps(info, rows), errors
 
 
 def match(
@@ -410,7 +494,8 @@ def run(config: EvaluateConfig) -> dict[str, Any] | None:
     if reuse_committed(config.out, "report", options, overwrite=config.overwrite) is not None:
         return None
     categories = datasets.load_dataset(config.dataset, options, require_train=False)
-    folders = [read_results(r.strip(), config.maps, options) for r in config.results.split(",") if r.strip()]
+    folders = [read_results(r.strip(), config.maps, options, config.run_id)
+               for r in config.results.split(",") if r.strip()]
     matched, skipped = match(categories, folders)
     log.info(
         "matched %s; skipped (no scores): %s",

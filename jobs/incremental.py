@@ -4,7 +4,7 @@ Owns: the run's flags, which inputs a run scores (those whose (uri, input_versio
 run scored with the same bank digest), the Hive-partitioned layout of a run and its commit:
 
 - scores/run=ID/part-NNNNN.parquet: the columns of `patchcore score` plus bank_id, bank_digest,
-  input_version ("<size>:<ETag or mtime ns>", storage.list_image_versions) and scored_at (UTC).
+  input_version ("<size>:<ETag or mtime ns>", storage.iter_image_versions) and scored_at (UTC).
 - errors/run=ID/part-NNNNN.parquet: uri, error, input_version, bank_id, bank_digest, scored_at.
   An input that failed is not retried for the same version and bank (a fixed file is a new one).
 - runs/run=ID/: the run's commit state (_shards/, _job.json, input_keys.npy: the hashed
@@ -194,15 +194,59 @@ def scored_index(out: str, runs: Mapping[str, Mapping[str, Any]], digest: str,
     return np.sort(np.concatenate(keys))
 
 
+def is_scored(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """(n,) bool: which `version_keys` are in the sorted `index` (binary search, no set)."""
+    if not len(index):
+        return np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(index, keys), len(index) - 1)
+    return index[at] == keys
+
+
 def pending_inputs(listing: Sequence[tuple[str, int, str]], index: np.ndarray
                    ) -> list[tuple[str, int, str]]:
     """The listed (uri, size, version) whose (uri, version) is not in the sorted `index`."""
     if not listing:
         return []
-    keys = version_keys([u for u, _, _ in listing], [v for _, _, v in listing])
-    at = np.minimum(np.searchsorted(index, keys), max(len(index) - 1, 0))
-    seen = (index[at] == keys) if len(index) else np.zeros(len(keys), bool)
+    seen = is_scored(version_keys([u for u, _, _ in listing], [v for _, _, v in listing]), index)
     return [item for item, done in zip(listing, seen) if not done]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The inputs one run scores, columnar (numpy StringDType: 16 B + text per row)."""
+
+    uris: np.ndarray  # (n,) sorted, unique: the listed inputs whose version `index` lacks
+    versions: np.ndarray  # (n,) input_version of each ("<size>:<ETag or mtime ns>")
+    listed: int  # images in the whole listing, pending or not
+    first: str  # smallest and largest listed URI: `input_root` of these two is that of every
+    last: str  # input (URIs below a folder are contiguous in sorted order)
+
+
+def plan_inputs(images: str, index: np.ndarray, options: dict[str, Any],
+                chunk_size: int = storage.LISTING_CHUNK) -> Plan:
+    """Stream the listing of `images` and keep the inputs whose (uri, version) `index` lacks.
+
+    Driver memory while planning: `index` (8 B per scored input) + one listing chunk (about
+    chunk_size x 1 KB) + the pending inputs (about 40 B + URI + version text each, twice while
+    they are sorted at the end); never a row per already-scored input.
+    """
+    uris, versions = [], []
+    listed, first, last = 0, None, None
+    for chunk in storage.iter_image_versions(images, options, chunk_size=chunk_size):
+        listed += len(chunk["uri"])
+        lo, hi = chunk["uri"].min(), chunk["uri"].max()
+        first, last = min(first or lo, lo), max(last or hi, hi)
+        todo = ~is_scored(version_keys(chunk["uri"], chunk["version"]), index)
+        uris.append(chunk["uri"][todo])
+        versions.append(chunk["version"][todo])
+    all_uris, all_versions = np.concatenate(uris), np.concatenate(versions)
+    del uris, versions
+    order = np.argsort(all_uris, kind="stable")
+    all_uris, all_versions = all_uris[order], all_versions[order]
+    # a URI a manifest lists twice is one input (its first listing)
+    once = np.ones(len(all_uris), bool)
+    once[1:] = all_uris[1:] != all_uris[:-1]
+    return Plan(all_uris[once], all_versions[once], listed, str(first), str(last))
 
 
 # --------------------------------------------------------------------------- writing a run
@@ -265,13 +309,17 @@ def run(cfg: ScoreConfig, bank_manifest: dict[str, Any], knn_options: knn.KnnOpt
         raise ValueError(f"{out} holds the results of a plain `patchcore score` run (manifest.json "
                          "at its top): --incremental needs a results location of its own; choose "
                          "another --out")
+    bank_id, digest = bank_identity(cfg.bank, bank_manifest)
     if storage.is_committed(state, options) and not cfg.overwrite:
         manifest = storage.read_manifest(state, "results", options)
+        if manifest["bank_digest"] != digest:
+            raise ValueError(f"{out}: run {run_id} was committed with bank {manifest['bank_id']} "
+                             f"(digest {manifest['bank_digest'][:12]}), not {bank_id} (digest "
+                             f"{digest[:12]}); choose another --run-id for this bank")
         log.info("run %s is already committed in %s; nothing to do (--overwrite redoes it)",
                  run_id, out)
         return 2 if failed(manifest["counts"], cfg.max_failures, "scored") else 0
     spec = ModelSpec.from_json(bank_manifest["spec"])
-    bank_id, digest = bank_identity(cfg.bank, bank_manifest)
     image_threshold = bank_manifest["image_threshold"]
     folder = OutputFolder(out, options, state=f"{RUNS_DIR}/{run_name(run_id)}")
     # the lock first: which inputs are new depends on what other runs committed (a dry run writes
@@ -280,17 +328,15 @@ def run(cfg: ScoreConfig, bank_manifest: dict[str, Any], knn_options: knn.KnnOpt
         runs = committed_runs(out, options, run_id)
         check_bank(out, runs, bank_id, digest, cfg.new_bank)
         index = scored_index(out, runs, digest, options)
-        listing = storage.list_image_versions(cfg.images, options)
-        root = input_root(cfg.images, [u for u, _, _ in listing])  # from every input: stable keys
-        todo = pending_inputs(listing, index)
-        uris = [u for u, _, _ in todo]
-        versions = [v for _, _, v in todo]
+        plan = plan_inputs(cfg.images, index, options)
+        root = input_root(cfg.images, [plan.first, plan.last])  # from every input: stable keys
+        uris, versions = plan.uris, plan.versions
         keys = OutputKeys(uris, root)
         shards = make_shards(uris, cfg.shard_size)
         log.info("run %s: %d inputs listed, %d already scored with bank %s, %d to score in %d shards",
-                 run_id, len(listing), len(listing) - len(todo), bank_id, len(todo), len(shards))
+                 run_id, plan.listed, plan.listed - len(uris), bank_id, len(uris), len(shards))
         identity = {"kind": "results-run", "run_id": run_id, "bank_digest": digest,
-                    "inputs": inputs_digest([f"{u}\n{v}" for u, v in zip(uris, versions)]),
+                    "inputs": inputs_digest(np.strings.add(np.strings.add(uris, "\n"), versions)),
                     "num_inputs": len(uris), "shard_size": cfg.shard_size, "maps": cfg.maps,
                     "raw_maps": cfg.raw_maps, "max_pixels": cfg.max_pixels,
                     "knn": knn.options_dict(knn_options)}
@@ -313,7 +359,7 @@ def run(cfg: ScoreConfig, bank_manifest: dict[str, Any], knn_options: knn.KnnOpt
                 ):
                     records[shard.index] = write_shard(folder, run_id, shard, columns,
                                                        image_threshold, stamp, versions)
-        counts = {"listed": len(listing), "already_scored": len(listing) - len(todo),
+        counts = {"listed": plan.listed, "already_scored": plan.listed - len(uris),
                   "inputs": len(uris), "scored": sum(r["scored"] for r in records.values()),
                   "errors": sum(r["errors"] for r in records.values())}
         assert counts["inputs"] == counts["scored"] + counts["errors"], counts

@@ -579,8 +579,13 @@ def _size_version(entry: dict[str, Any]) -> tuple[int, str]:
 
 def _manifest_versions(fs: Any, path: str, uri: str, storage_options: dict[str, Any] | None
                        ) -> Iterator[tuple[str, int, str]]:
-    """Entries of a manifest file with their versions, one lookup each ("missing" when absent)."""
-    for entry_uri in _manifest_entries(fs, path, uri):
+    """Entries of a manifest file, sorted and de-duplicated (as list_images: an object listed twice
+    is one input), with their versions, one lookup each ("missing" when absent)."""
+    entries = _manifest_entries(fs, path, uri)
+    entries.sort()  # in place: the list is already held whole
+    for entry_uri, previous in zip(entries, [None, *entries]):
+        if entry_uri == previous:
+            continue
         entry_fs, entry_path = url_to_fs(entry_uri, storage_options)
         info = entry_fs.info(entry_path) if entry_fs.exists(entry_path) else None
         yield (entry_uri, *_size_version(info)) if info is not None else (entry_uri, 0, "missing")

@@ -9,7 +9,10 @@ import collections
 import io
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +230,228 @@ def test_three_nights_score_each_input_version_once_and_read_as_one_table(
         assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and figures drawn
 
 
+ROOT = Path(__file__).parents[1]
+
+
+def _brute_rows(out: str, sub: str) -> list[dict[str, Any]]:
+    """Every row of RESULTS/sub/run=ID/part-*.parquet, read part by part (no Hive reader), with
+    its run id taken from the folder name: the reference the duckdb answers are checked against."""
+    rows = []
+    for run_dir in storage.subfolders(f"{out}/{sub}"):
+        for part in storage.list_files(f"{out}/{sub}/{run_dir}", "part-*.parquet"):
+            table = storage.read_table(part, ["uri", "input_version", "bank_digest", "anomalous",
+                                              "score"] if sub == "scores"
+                                       else ["uri", "input_version", "bank_digest"])
+            rows += [{**r, "run": run_dir.removeprefix("run=")} for r in table.to_pylist()]
+    return rows
+
+
+def _kill_after_first_commit(argv: list[str], state: str, log_path: Path) -> int:
+    """Run `python -m jobs score ARGV` on the session's Ray and SIGKILL it as soon as the store
+    holds its first shard commit record (STATE/_shards/*.json); returns the driver's pid."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(log_path, "wb") as log_out:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs", "score", *argv], cwd=ROOT, env=env,
+                                  stdout=log_out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline:
+            if storage.list_files(f"{state}/_shards", "part-*.json"):
+                break
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+    return driver.pid
+
+
+def test_nights_at_issue_scale_with_a_real_kill_score_each_input_version_once(
+    ray_local: None, s3_server: str, banks: tuple[str, str], tmp_path: Path,
+) -> None:
+    """Night 1: 200 images. Night 2: 50 new, 5 changed, 3 corrupt; its driver is SIGKILLed after
+    its first shard commit (a real process kill). Night 3: nothing new, refused until night 2 is
+    finished by rerunning it. Checked against a brute-force listing of each night."""
+    import duckdb
+
+    bank = banks[0]
+    digest = incremental.bank_identity(bank, storage.read_manifest(bank, "bank"))[1]
+    base = f"s3://{s3_server}/scale"
+    images, out = f"{base}/images", f"{base}/results"
+    rng = np.random.default_rng(7)
+
+    def put(name: str, data: bytes) -> None:
+        storage.write_bytes(f"{images}/{name}", data)
+
+    def listing() -> dict[str, str]:
+        return {u: v for u, _, v in storage.list_image_versions(images)}
+
+    for i in range(200):
+        put(f"n1/{i:04d}.png", _texture(rng, defect=i % 40 == 3))
+    seen_1 = listing()
+    assert run_night(bank, images, out, "n1", "--shard-size", "16") == 0
+    for i in range(50):
+        put(f"n2/{i:04d}.png", _texture(rng, defect=i == 10))
+    for i in range(5):
+        put(f"n1/{i:04d}.png", _texture(rng))  # changed: new content, new ETag
+    put("n2/corrupt.png", b"\x89PNG\r\n\x1a\n" + rng.bytes(64))
+    put("n2/empty.png", b"")
+    put("n2/truncated.png", _texture(rng)[:100])
+    seen_2 = listing()
+    corrupt = {f"{images}/n2/{n}.png" for n in ("corrupt", "empty", "truncated")}
+
+    argv = ["--bank", bank, "--images", images, "--out", out, "--incremental", "--run-id", "n2",
+            "--max-failures", "10", "--report-top", "3", *PIPELINE, "--shard-size", "8"]
+    state = f"{out}/runs/run=n2"
+    _kill_after_first_commit(argv, state, tmp_path / "driver.log")
+    assert not storage.is_committed(state)
+    committed = storage.list_files(f"{state}/_shards", "part-*.json")
+    shards = -(-(50 + 5 + 3) // 8)
+    assert 1 <= len(committed) < shards, committed
+    kept = {f"{out}/scores/run=n2/{Path(c).stem}.parquet" for c in committed}
+    before = {uri: storage.read_bytes(uri) for uri in kept if storage.exists(uri)}
+    assert before  # the committed shards' parts (a shard of corrupt inputs only has no scores)
+    with pytest.raises(ValueError, match="unfinished.*--run-id n2"):
+        run_night(bank, images, out, "n3")
+    assert run_night(bank, images, out, "n2", "--shard-size", "8") == 0  # the same command again
+    assert {uri: storage.read_bytes(uri) for uri in before} == before  # committed: not redone
+    assert run_night(bank, images, out, "n3") == 0  # night 3: nothing new
+    assert listing() == seen_2
+
+    counts = {r: storage.read_manifest(f"{out}/runs/run={r}", "results")["counts"]
+              for r in ("n1", "n2", "n3")}
+    assert counts == {
+        "n1": {"listed": 200, "already_scored": 0, "inputs": 200, "scored": 200, "errors": 0},
+        "n2": {"listed": 253, "already_scored": 195, "inputs": 58, "scored": 55, "errors": 3},
+        "n3": {"listed": 253, "already_scored": 253, "inputs": 0, "scored": 0, "errors": 0}}
+    # exactly the expected rows: each (uri, input version, bank) of a night's listing once
+    scores, errors = _brute_rows(out, "scores"), _brute_rows(out, "errors")
+    expected = ({(u, v, "n1") for u, v in seen_1.items()}
+                | {(u, v, "n2") for u, v in seen_2.items() if seen_1.get(u) != v})
+    got = collections.Counter((r["uri"], r["input_version"], r["run"]) for r in scores + errors)
+    assert set(got) == expected and set(got.values()) == {1}
+    assert {r["uri"] for r in errors} == corrupt and {r["bank_digest"] for r in scores} == {digest}
+
+    # duckdb over the Hive layout answers as the brute-force count does
+    con = duckdb.connect()
+    con.register_filesystem(s3fs_filesystem())
+    s3fs_filesystem().invalidate_cache()
+    table = f"read_parquet('{out}/scores/**/*.parquet', hive_partitioning=true)"
+    per_run = dict(con.sql(f"select run::varchar, count(*) from {table} group by all").fetchall())
+    assert per_run == collections.Counter(r["run"] for r in scores) == {"n1": 200, "n2": 55}
+    flagged = dict(con.sql(f"select run::varchar, sum(anomalous::int) from {table} group by all"
+                           ).fetchall())
+    assert flagged == {n: sum(r["anomalous"] for r in scores if r["run"] == n) for n in per_run}
+    assert con.sql(f"select count(distinct uri) from {table}").fetchall()[0][0] == len(
+        {r["uri"] for r in scores}) == 250
+    twice = con.sql(f"select uri, count(*) from {table} group by uri having count(*) > 1").fetchall()
+    assert sorted(u for u, _ in twice) == [f"{images}/n1/{i:04d}.png" for i in range(5)]
+
+
+def test_inputs_that_change_vanish_or_repeat_and_foreign_or_half_written_runs(
+    ray_local: None, banks: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bad inputs of a growing archive: an object rewritten or deleted between the listing and
+    its scoring, one object under several URIs, a run id committed with another bank, and a run
+    partition left half-written (a part truncated, its shard uncommitted) by a killed run."""
+    bank, other_bank = banks
+    images, out = tmp_path / "images", str(tmp_path / "results")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        storage.write_bytes(str(images / f"{i}.png"), _texture(rng))
+    changed, vanished = str(images / "1.png"), str(images / "2.png")
+    real_plan = incremental.plan_inputs
+
+    def plan_then_touch(*args: Any, **kwargs: Any) -> incremental.Plan:
+        plan = real_plan(*args, **kwargs)
+        storage.write_bytes(changed, _texture(rng) + b"\0")  # rewritten after it was listed
+        os.remove(vanished)  # deleted after it was listed
+        return plan
+    monkeypatch.setattr(incremental, "plan_inputs", plan_then_touch)
+    listed = {u: v for u, _, v in storage.list_image_versions(str(images))}
+    assert run_night(bank, str(images), out, "a") == 0
+    monkeypatch.setattr(incremental, "plan_inputs", real_plan)
+    scores, errors = _brute_rows(out, "scores"), _brute_rows(out, "errors")
+    # each listed input once, under the version it was listed with; the vanished one as an error
+    assert sorted((r["uri"], r["input_version"]) for r in scores + errors) == sorted(listed.items())
+    assert [r["uri"] for r in errors] == [vanished]
+    # the next night scores the changed input again under its new version; the vanished one is
+    # no longer listed, so nothing is done for it
+    now = {u: v for u, _, v in storage.list_image_versions(str(images))}
+    assert run_night(bank, str(images), out, "b") == 0
+    night_b = [(r["uri"], r["input_version"]) for r in _brute_rows(out, "scores") if r["run"] == "b"]
+    assert night_b == [(changed, now[changed])] and now[changed] != listed[changed]
+
+    # a run id committed with another bank is refused, not silently taken as done
+    with pytest.raises(ValueError, match="run a was committed with bank line-a-v1.*another --run-id"):
+        run_night(other_bank, str(images), out, "a", "--new-bank")
+
+    # a killed run's half-written partition: part truncated, shard not committed, no manifest
+    part = f"{out}/scores/run=b/part-00000.parquet"
+    before = storage.read_table(part, ["uri", "input_version", "score"]).to_pylist()
+    storage.remove(f"{out}/runs/run=b/manifest.json")
+    storage.remove(f"{out}/runs/run=b/_shards/part-00000.json")
+    storage.write_bytes(part, storage.read_bytes(part)[:50])
+    with pytest.raises(ValueError, match="run b is unfinished"):
+        run_night(bank, str(images), out, "c")  # its rows would be scored twice otherwise
+    assert run_night(bank, str(images), out, "b") == 0  # the same command finishes it
+    after = storage.read_table(part, ["uri", "input_version", "score"]).to_pylist()
+    assert [(r["uri"], r["input_version"]) for r in after] == [(r["uri"], r["input_version"])
+                                                               for r in before]
+    np.testing.assert_allclose([r["score"] for r in after], [r["score"] for r in before], rtol=1e-5)
+
+    # one object under several URIs of a manifest: one input; a copy under another name: its own
+    copy = images / "copy-of-0.png"
+    shutil.copyfile(images / "0.png", copy)
+    manifest = images / "list.txt"
+    manifest.write_text(f"0.png\n./0.png\n{images}/0.png\nsub/../0.png\ncopy-of-0.png\n")
+    assert run_night(bank, str(manifest), str(tmp_path / "dup"), "a") == 0
+    rows = _brute_rows(str(tmp_path / "dup"), "scores")
+    assert sorted(r["uri"] for r in rows) == sorted([str(copy), str(images / "0.png")])
+    counts = storage.read_manifest(str(tmp_path / "dup/runs/run=a"), "results")["counts"]
+    assert counts["listed"] == counts["inputs"] == counts["scored"] == 2
+
+
+def test_evaluate_reads_incremental_runs_all_or_one(
+    ray_local: None, banks: tuple[str, str], tmp_path: Path,
+) -> None:
+    """`patchcore evaluate` on an --incremental location: every committed run (each input's latest
+    row) or one --run-id; image AUROC equal to sklearn's on the rows read back by hand."""
+    from sklearn.metrics import roc_auc_score
+    from test_evaluate import _make_dataset
+
+    from jobs import evaluate
+
+    root, out = str(tmp_path / "widget"), str(tmp_path / "results")
+    _make_dataset(root)
+    assert run_night(banks[0], f"{root}/test", out, "n1") == 0
+    rewritten = f"{root}/test/good/000.png"
+    storage.write_bytes(rewritten, _texture(np.random.default_rng(5), defect=True))  # now scores high
+    assert run_night(banks[0], f"{root}/test", out, "n2") == 0
+    rows = _brute_rows(out, "scores")
+    assert [r["uri"] for r in rows if r["run"] == "n2"] == [rewritten]
+
+    def auroc(run_ids: set[str]) -> float:
+        """sklearn's image AUROC over the latest row per input among `run_ids`."""
+        table = {r["uri"]: r for r in sorted(rows, key=lambda r: r["run"]) if r["run"] in run_ids}
+        uris = sorted(table)
+        labels = [0 if "/good/" in u else 1 for u in uris]
+        return float(roc_auc_score(labels, [table[u]["score"] for u in uris]))
+
+    def evaluate_run(run_id: str, name: str) -> dict[str, Any]:
+        argv = ["--results", out, "--dataset", root, "--out", str(tmp_path / name)]
+        return evaluate.run(_cli.parse_config(evaluate.EvaluateConfig,
+                                              [*argv, "--run-id", run_id] if run_id else argv))
+
+    every = evaluate_run("", "report-all")
+    assert every["mean"]["image_auroc"] == pytest.approx(auroc({"n1", "n2"}))
+    first = evaluate_run("n1", "report-n1")
+    assert first["mean"]["image_auroc"] == pytest.approx(auroc({"n1"}))
+    assert first["mean"]["image_auroc"] != every["mean"]["image_auroc"]  # the rewrite counts
+    with pytest.raises(FileNotFoundError, match="no committed run 'n9'.*'n1', 'n2'"):
+        evaluate_run("n9", "report-n9")
+
+
 def _screenshot(page: Path, png: Path) -> Path | None:
     """Headless Chromium screenshot of `page`, or None when Chromium is not installed."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -257,6 +482,23 @@ def test_pending_inputs_are_those_whose_version_the_index_lacks() -> None:
                                                                             "s3://b/c.png"]
     empty = np.empty(0, np.uint64)
     assert incremental.pending_inputs(listing, empty) == listing
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10_000])
+def test_streamed_plan_equals_the_whole_listing_filtered(tmp_path: Path, chunk_size: int) -> None:
+    for i in range(11):
+        (tmp_path / f"d{i % 3}" / "e").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"d{i % 3}" / ("e" if i % 2 else "") / f"{i:02d}.png").write_bytes(b"x" * i)
+    (tmp_path / "notes.txt").write_text("not an image")
+    listing = storage.list_image_versions(str(tmp_path))
+    index = np.sort(incremental.version_keys([u for u, _, _ in listing[::2]],
+                                             [v for _, _, v in listing[::2]]))
+    plan = incremental.plan_inputs(str(tmp_path), index, {}, chunk_size=chunk_size)
+    reference = incremental.pending_inputs(listing, index)
+    assert list(zip(plan.uris, plan.versions)) == [(u, v) for u, _, v in reference]
+    assert (plan.listed, plan.first, plan.last) == (11, listing[0][0], listing[-1][0])
+    with pytest.raises(ValueError, match="no images found"):
+        incremental.plan_inputs(str(tmp_path / "d0" / "*.jpg"), index, {})
 
 
 @pytest.mark.parametrize(("flags", "message"), [
