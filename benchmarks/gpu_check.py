@@ -4,7 +4,9 @@
 2. scores: `model.predict` on cuda == on cpu for the same bank (efficientnet_lite0, packaged
    offline weights), scores and maps within tolerance: with cuDNN's default (TF32 convolutions
    allowed) and with TF32 off.
-3. coreset: `greedy_coreset` on cuda == the plain loop on cuda == cpu (bit-identical indices) on a
+3. scoring: wide_resnet50_2 images/s through `model.predict` with banks of 16k and 100k entries,
+   for each exact GPU engine (torch; faiss GPU when installed), scores == faiss CPU.
+4. coreset: `greedy_coreset` on cuda == the plain loop on cuda == cpu (bit-identical indices) on a
    subset, then steps/s of `MinDistances` and of the plain loop at N = 10,000,000 x 128.
 
     python benchmarks/gpu_check.py             # on a CUDA machine, about 2-4 minutes
@@ -23,7 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from patchcore_core import coreset, knn, model
+from patchcore_core import backbone, coreset, knn, model
+from patchcore_core.bank import Bank
+from patchcore_core.features import feature_width
 from patchcore_core.spec import ModelSpec
 
 
@@ -98,6 +102,61 @@ def check_scores(device: torch.device, smoke: bool) -> list[tuple[str, bool, str
             f"{scale:.3f} (tolerance {tolerance:g}), max |map diff| {map_diff:.2e} = "
             f"{map_diff / map_scale:.1e} of the largest [{seconds:.1f} s]",
         ))
+    return results
+
+
+def random_bank(spec: ModelSpec, size: int, seed: int = 0) -> Bank:
+    """A bank of `size` random entries at the spec's stored width: exact kNN costs the same
+    whatever the values, and the scores of two engines on it must still agree."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(size, feature_width(spec), generator=generator)
+    zeros = torch.zeros(size, dtype=torch.int64)
+    return Bank(spec=spec, features=features, image_ids=tuple(f"r{i}" for i in range(size)),
+                ys=zeros, xs=zeros, projection_seed=seed, coverage_radius=1.0)
+
+
+def check_score_rate(device: torch.device, smoke: bool, args: argparse.Namespace
+                     ) -> list[tuple[str, bool, str]]:
+    """wide_resnet50_2 scoring on `device`: images/s of `model.predict` (backbone, exact kNN,
+    Eq. 7, maps) for each bank size and exact engine (faiss GPU when installed, torch on the
+    GPU), after one warm-up batch, and its scores against faiss CPU on the same bank (TF32 off;
+    tolerance 1e-4 of the largest score). Random weights: the same work as ImageNet weights."""
+    size = 64 if smoke else 224
+    spec = ModelSpec(backbone="resnet18" if smoke else "wide_resnet50_2", weights="none",
+                     resize=size, crop=size, embed_dim=64 if smoke else 1024)
+    count, batch = (8, 4) if smoke else (args.score_images, args.score_batch)
+    images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+    extractor = backbone.load_backbone(spec, device)
+    cpu_extractor = backbone.load_backbone(spec, torch.device("cpu"))
+    engines = ["torch-cuda-exact"] + (["faiss-gpu-exact"] if knn.faiss_gpu_count() else [])
+    if device.type != "cuda":
+        engines = ["faiss-cpu-exact", "torch-cpu-exact"]
+    results = []
+    saved = torch.backends.cudnn.allow_tf32
+    for bank_size in ([500, 2_000] if smoke else args.score_banks):
+        bank = random_bank(spec, bank_size)
+        reference = model.predict(model.PatchCore(bank, "cpu", cpu_extractor), images[:batch])
+        scale = float(reference.scores.abs().max())
+        for engine in engines:
+            patchcore = model.PatchCore(bank, device, extractor)
+            patchcore.index = knn.build_index(bank.features, device, engine=engine)
+            model.predict(patchcore, images[:batch], batch_size=batch)  # warm-up
+            sync(device)
+            begin = time.perf_counter()
+            for lo in range(0, count, batch):
+                model.predict(patchcore, images[lo : lo + batch], batch_size=batch)
+            sync(device)
+            rate = count / (time.perf_counter() - begin)
+            torch.backends.cudnn.allow_tf32 = False
+            try:
+                exact = model.predict(patchcore, images[:batch], batch_size=batch)
+            finally:
+                torch.backends.cudnn.allow_tf32 = saved
+            diff = float((exact.scores - reference.scores).abs().max())
+            ok = diff <= 1e-4 * scale + 1e-5
+            results.append((f"score {spec.backbone} bank {bank_size:,} {engine}", ok,
+                            f"{rate:.1f} img/s (batch {batch}, {count} images); max |score diff| "
+                            f"vs faiss CPU {diff:.2e} = {diff / scale:.1e} of the largest"))
     return results
 
 
@@ -178,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coreset-steps", type=int, default=2_000)
     parser.add_argument("--plain-steps", type=int, default=100)
     parser.add_argument("--window", type=int, default=16, help="MinDistances queue length")
+    parser.add_argument("--score-banks", type=lambda t: [int(v) for v in t.split(",")],
+                        default=[16_000, 100_000], help="bank sizes of the scoring section")
+    parser.add_argument("--score-images", type=int, default=256, help="images per scoring rate")
+    parser.add_argument("--score-batch", type=int, default=32, help="batch size of the scoring rate")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         device = torch.device("cpu")
@@ -193,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.append((name, ok, f"{detail} [{time.perf_counter() - begin:.0f} s]"))
     print(("PASS " if ok else "FAIL ") + f"{name}: {results[-1][2]}", flush=True)
     for name, ok, detail in check_scores(device, args.cpu_smoke):
+        results.append((name, ok, detail))
+        print(("PASS " if ok else "FAIL ") + f"{name}: {detail}", flush=True)
+    for name, ok, detail in check_score_rate(device, args.cpu_smoke, args):
         results.append((name, ok, detail))
         print(("PASS " if ok else "FAIL ") + f"{name}: {detail}", flush=True)
     for name, ok, detail in check_coreset(device, args.cpu_smoke, args):

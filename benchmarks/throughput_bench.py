@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from benchmarks.extract_bench import decode_all, make_images, run_job
+from benchmarks.extract_bench import decode_all, make_images, parse_variants, run_job
 from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.bank import Bank
 from patchcore_core.features import feature_width
@@ -90,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--source-px", type=int, default=300, help="side of the synthetic PNGs")
     parser.add_argument("--knn", default="", help="approximate options to add, e.g. ivf-flat,ivf-pq")
+    parser.add_argument("--variants", default="job=",
+                        help="exact-kNN job runs as 'label=extra flags;...', e.g. "
+                             "'job=;one=--workers 1 --cpus-per-worker 1.5' (NAME=value sets the "
+                             "job's environment)")
     parser.add_argument("--workdir", default="", help="default: a temporary folder, removed after")
     args = parser.parse_args(argv)
+    variants = parse_variants(args.variants)
     workdir = args.workdir or tempfile.mkdtemp(prefix="throughput-bench-")
     print(f"# batch {args.batch_size}, {args.images} PNGs of {args.source_px} px, cpus "
           f"{os.cpu_count()}, torch threads {torch.get_num_threads()}, load "
@@ -111,15 +116,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bank = os.path.join(workdir, f"bank-{name}-{size}")
                 make_bank(bank, spec, size)
                 loop = loop_rate(bank, paths, args.batch_size)
-                for method in ["exact", *filter(None, args.knn.split(","))]:
-                    out = os.path.join(workdir, f"results-{name}-{size}-{method}")
+                runs = [(label, "exact", flags) for label, flags in variants]
+                runs += [(m, m, []) for m in filter(None, args.knn.split(","))]
+                for label, method, flags in runs:
+                    out = os.path.join(workdir, f"results-{name}-{size}-{label}")
                     steady, result = run_job(
                         ["score", "--bank", bank, "--images", listing, "--out", out, "--device",
                          "cpu", "--batch-size", str(args.batch_size), "--shard-size",
-                         str(args.batch_size), "--knn", method], worker_niceness=0)
+                         str(args.batch_size), "--knn", method, *flags], worker_niceness=0)
                     manifest = storage.read_manifest(out, "results")
                     recall = ((manifest.get("knn") or {}).get("recall") or {}).get("recall_at_1")
-                    row = (name, feature_width(spec), size, method, forward, loop, steady["rate"],
+                    row = (name, feature_width(spec), size, label, forward, loop, steady["rate"],
                            result.wall_s, recall)
                     rows.append(row)
                     print("# " + json.dumps(row), flush=True)
@@ -128,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'backbone':<20}{'width':>6}{'bank':>8}{'knn':>10}{'forward':>9}{'loop':>7}{'job':>7}"
+    print(f"\n{'backbone':<20}{'width':>6}{'bank':>8}{'run':>10}{'forward':>9}{'loop':>7}{'job':>7}"
           f"{'job/loop':>9}{'job/fwd':>8}{'wall s':>8}{'recall@1':>9}")
     for name, width, size, method, forward, loop, job, wall, recall in rows:
         print(f"{name:<20}{width:>6}{size:>8}{method:>10}{forward:>9.2f}{loop:>7.2f}{job:>7.2f}"
