@@ -114,3 +114,17 @@ def test_cost_model_measures_a_real_gloo_all_gather() -> None:
     from benchmarks import cost_model
 
     assert 0.0 < cost_model.measure_collective_ms(2, steps=20) < 1000.0
+
+
+def test_gpu_check_smoke_runs_every_section_on_cpu_and_passes() -> None:
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--coreset-n", "20000",
+         "--coreset-steps", "50", "--plain-steps", "20"],
+        capture_output=True, text=True, timeout=300, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    # faiss, two score checks, two engines x two banks of the scoring section, two coreset checks
+    assert sum(line.startswith("PASS ") for line in lines) == 9
+    assert sum("bank 2,000 " in line and "img/s" in line for line in lines) == 2
+    assert lines[-1] == "summary: 9 passed, 0 failed"
