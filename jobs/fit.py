@@ -108,16 +108,17 @@ def split_calibration(uris: Sequence[str], fraction: float, cap: int, minimum: i
     return [u for i, u in enumerate(uris) if i not in held_set], [uris[i] for i in held]
 
 
-def calibrate(cfg: FitConfig, spec: ModelSpec, uris: Sequence[str], device: str
-              ) -> tuple[np.ndarray, np.ndarray, int]:
+def calibrate(cfg: FitConfig, spec: ModelSpec, uris: Sequence[str], device: str,
+              timing: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores (n,) and maps (n, crop, crop) of the readable calibration images, and the error count.
 
-    The score job's stage (`score.score_shards`) with the new bank, writing no files.
+    The score job's stage (`score.score_shards`) with the new bank, writing no files, so it runs
+    at score's rate; timing: its start-up and steady-state figures (`pipeline.stream_shards`).
     """
     scores, maps, errors = [], [], 0
     for _, columns in sorted(
         score.score_shards(cfg.out, spec, make_shards(uris, cfg.shard_size), cfg, device,
-                           return_maps=True, label="calibrate"),
+                           return_maps=True, label="calibrate", timing=timing),
         key=lambda item: item[0].index,
     ):
         ok = columns["error"] == ""
@@ -176,8 +177,11 @@ def run(cfg: FitConfig, *, min_calibration: int = 1) -> int:
                                            "target_fpr": cfg.target_fpr}
             thresholds: dict[str, float | None] = {"image_threshold": None, "pixel_threshold": None}
             if held_out:
-                scores, maps, errors = calibrate(cfg, spec, held_out, cluster.resolve_device(cfg.device))
+                timing: dict[str, Any] = {}
+                scores, maps, errors = calibrate(cfg, spec, held_out,
+                                                 cluster.resolve_device(cfg.device), timing)
                 calibration["errors"] = errors
+                calibration["timing"] = timing
                 if len(scores) == 0:
                     raise ValueError(f"none of the {len(held_out)} calibration images could be read; "
                                      "see the warnings above")

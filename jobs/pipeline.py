@@ -88,6 +88,7 @@ def stream_shards(
     total_images: int | None = None,
     after: Callable[..., dict[str, np.ndarray]] | None = None,
     after_kwargs: Mapping[str, Any] | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Shard, dict[str, np.ndarray]]]:
     """Run decode -> `actor` (-> `after`) over the inputs of `shards`; yield each shard once all its
     rows are back.
@@ -102,6 +103,10 @@ def stream_shards(
     the actor's output batches (score's map files: CPU work kept off the model actor); a shard is
     yielded only once `after` has returned for all its rows.
     The log's last line counts the images each Ray node's actors embedded.
+    timing: filled in (and logged) as the stage runs: startup_s, from the call to the first rows
+    back (Ray Data planning, actor start, model and index load, the first batch); then
+    steady_images, steady_s and steady_images_per_s, the rows after the first batch over the
+    time from it to the last (None with a single batch).
     Fault tolerance: a dead actor is restarted (max_restarts=-1) and its batch retried up to
     `flags.retries` times, as is a decode or `after` task; a row delivered twice (a retried
     batch) is kept once, by position, so each input is yielded exactly once.
@@ -151,7 +156,15 @@ def stream_shards(
     progress = logs.Progress(label, total, done=done_images)
     done, shards_done, duplicates, start = done_images, 0, 0, time.monotonic()
     per_node: dict[str, int] = {}
+    timing = timing if timing is not None else {}
+    first_at, first_rows, received = None, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        received += len(batch["shard"])
+        if first_at is None:
+            first_at, first_rows = time.monotonic(), len(batch["shard"])
+            timing["startup_s"] = first_at - start
+            log.info("%s: first results after %.1f s (start-up: Ray Data, actors, model and index "
+                     "load, first batch)", label, timing["startup_s"])
         names = [name for name in batch if name != "node"]
         for j in range(len(batch["shard"])):
             index, position = int(batch["shard"][j]), int(batch["position"][j])
@@ -169,6 +182,13 @@ def stream_shards(
                 shards_done += 1
                 progress.label = f"{label} ({shards_done}/{len(shards)} shards) images"
                 progress.update(done, force=shards_done == len(shards))
+    if first_at is not None:
+        steady_s = time.monotonic() - first_at
+        timing.update(steady_images=received - first_rows, steady_s=steady_s,
+                      steady_images_per_s=((received - first_rows) / steady_s
+                                           if received > first_rows and steady_s > 0 else None))
+        log.info("%s: steady state %d images in %.1f s after the first batch: %s images/s", label,
+                 timing["steady_images"], steady_s, timing["steady_images_per_s"])
     if duplicates:
         log.warning("%s: %d rows arrived twice (retried batches) and were kept once", label, duplicates)
     if pending:

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -228,6 +229,7 @@ def score_shards(
     out: str | None = None, maps: bool = False, raw_maps: bool = False, return_maps: bool = False,
     keys: Sequence[str] | None = None, label: str = "score", done_images: int = 0,
     total_images: int | None = None, knn_options: knn.KnnOptions | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Shard, dict[str, np.ndarray]]]:
     """The scoring stage on the connected Ray: each shard's columns once all its rows are scored.
 
@@ -235,7 +237,8 @@ def score_shards(
     (+ key, + map (n, crop, crop) float32 with `return_maps`). out: results folder whose map files
     `write_files` tasks write after the actors (needs `keys`, the output keys by input position),
     before the shard is yielded; None writes nothing (fit's calibration). knn_options: how the
-    bank is searched (None: exact).
+    bank is searched (None: exact). timing: start-up and steady-state figures
+    (`pipeline.stream_shards`).
     """
     files = out is not None and (maps or raw_maps)
     after_kwargs: dict[str, Any] | None = None
@@ -252,7 +255,7 @@ def score_shards(
     yield from stream_shards(shards, ScoreActor, actor_kwargs, flags, device=device, spec=spec,
                              label=label, extra=extra, done_images=done_images,
                              total_images=total_images, after=write_files if files else None,
-                             after_kwargs=after_kwargs)
+                             after_kwargs=after_kwargs, timing=timing)
 
 
 def knn_summary(options: knn.KnnOptions, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -340,6 +343,8 @@ def run(cfg: ScoreConfig) -> int:
         folder.prepare(identity, cfg.overwrite, RESULT_DIRS)
         records, pending = folder.resume(shards, scores_file)
         reported: set[str] = set()
+        timing: dict[str, Any] = {}
+        started = time.monotonic()
         if pending:  # else every shard is committed and only the manifest is missing
             with cluster.ray_session():
                 device = cluster.resolve_device(cfg.device)
@@ -347,7 +352,7 @@ def run(cfg: ScoreConfig) -> int:
                     cfg.bank, spec, pending, cfg, device, out=cfg.out, maps=cfg.maps,
                     raw_maps=cfg.raw_maps, keys=keys,
                     done_images=sum(len(shards[i].uris) for i in records), total_images=len(uris),
-                    knn_options=knn_options,
+                    knn_options=knn_options, timing=timing,
                 ):
                     records[shard.index] = _write_shard(folder, shard, columns, image_threshold)
                     for text in records[shard.index]["knn"]:
@@ -369,6 +374,8 @@ def run(cfg: ScoreConfig) -> int:
             "maps": {"png": cfg.maps, "mask": cfg.maps, "raw": cfg.raw_maps},
             "map_scale": "png value v = round(clip(map / (2 * pixel_threshold), 0, 1) * 255)",
             "knn": knn_summary(knn_options, [records[i] for i in sorted(records)]),
+            # this invocation's figures (a resumed run: the part it did); start-up apart
+            "timing": {"wall_s": time.monotonic() - started, **timing},
             "identity": identity,
             "config": config_dict(cfg),
             "versions": storage.package_versions(),

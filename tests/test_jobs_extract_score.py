@@ -214,6 +214,16 @@ def test_score_equals_single_process_predict(local_results: Path, local_bank: Pa
     assert Path(local_results, "maps", "good", "000.png.png").is_file()
 
 
+def test_start_up_and_steady_state_are_reported_apart(local_results: Path, local_bank: Path) -> None:
+    timing = storage.read_manifest(str(local_results), "results")["timing"]
+    inputs = storage.read_manifest(str(local_results), "results")["counts"]["inputs"]
+    assert 0 < timing["startup_s"] and timing["startup_s"] + timing["steady_s"] <= timing["wall_s"]
+    assert 0 < timing["steady_images"] < inputs  # every row but the first batch's
+    assert timing["steady_images_per_s"] == pytest.approx(timing["steady_images"] / timing["steady_s"])
+    calibration = storage.read_manifest(str(local_bank), "bank")["info"]["fit"]["calibration"]
+    assert calibration["timing"]["startup_s"] > 0
+
+
 def test_inputs_equal_scored_plus_errors(local_results: Path, dataset: Path) -> None:
     inputs = storage.list_images(str(dataset / "test"))
     scored = [r["uri"] for r in read_scores(str(local_results))]
