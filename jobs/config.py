@@ -240,7 +240,8 @@ _SPEC_DEFAULTS = ModelSpec  # class attributes hold the field defaults
 class ModelFlags(Flags):
     """The model flags of DESIGN.md §5: they make the ModelSpec that every bank records."""
 
-    backbone: str = arg("wide_resnet50_2|wide_resnet101_2|resnet18|resnet50|efficientnet_lite0; "
+    backbone: str = arg("wide_resnet50_2|wide_resnet101_2|resnet18|resnet50|resnet101|"
+                        "resnext101_32x8d|efficientnet_lite0; "
                         "a comma-separated list (`fit` only) builds an ensemble, one member per "
                         "backbone (paper Table S5)", _SPEC_DEFAULTS.backbone)
     weights: str = arg("default (standard ImageNet weights) | none (random, tests) | URI of a "

@@ -19,7 +19,8 @@ LAYER_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "resnet18": {"layer1": (64, 4), "layer2": (128, 8), "layer3": (256, 16), "layer4": (512, 32)},
     **{
         name: {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16), "layer4": (2048, 32)}
-        for name in ("resnet50", "wide_resnet50_2", "wide_resnet101_2")
+        for name in ("resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2",
+                     "resnext101_32x8d")
     },
     "efficientnet_lite0": {
         "blocks.1": (24, 4),

@@ -33,6 +33,9 @@ BACKBONE_LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "wide_resnet101_2": (("layer2", "layer3"), ("layer1", "layer2", "layer3", "layer4")),
     "resnet18": (("layer2", "layer3"), ("layer1", "layer2", "layer3", "layer4")),
     "resnet50": (("layer2", "layer3"), ("layer1", "layer2", "layer3", "layer4")),
+    # two more of Table S5's backbones (ResNet101; ResNeXt101, a member of "PatchCore ens.")
+    "resnet101": (("layer2", "layer3"), ("layer1", "layer2", "layer3", "layer4")),
+    "resnext101_32x8d": (("layer2", "layer3"), ("layer1", "layer2", "layer3", "layer4")),
     # efficientnet_lite0 stages are timm's block names. Output stride/channels: blocks.1 = 4/24,
     # blocks.2 = 8/40, blocks.3 = 16/80, blocks.4 = 16/112, blocks.5 = 32/192, blocks.6 = 32/320.
     # blocks.2,blocks.4 (stride 8 and 16) mirror WRN's layer2,layer3.
