@@ -50,20 +50,23 @@ def make_bank(uri: str, spec: ModelSpec, size: int, seed: int = 0) -> None:
         info={"benchmark": "random bank"}))
 
 
-def forward_rate(spec: ModelSpec, images: torch.Tensor, batch_size: int) -> float:
-    """Images/s of the bare backbone forward over preprocessed `images`, after one warm-up batch."""
+def forward_rate(spec: ModelSpec, images: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU s per image) of the bare backbone forward over preprocessed `images`, after
+    one warm-up batch."""
     extractor = backbone.load_backbone(spec, torch.device("cpu"))
     batches = list(images.split(batch_size))
     with torch.inference_mode():
         extractor(batches[0])
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for batch in batches:
             extractor(batch)
-    return len(images) / (time.perf_counter() - start)
+    return (len(images) / (time.perf_counter() - start),
+            (time.process_time() - cpu) / len(images))
 
 
-def loop_rate(bank_uri: str, paths: Sequence[str], batch_size: int) -> float:
-    """Images/s of decode + model.predict in this process, after one warm-up batch."""
+def loop_rate(bank_uri: str, paths: Sequence[str], batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU s per image, all threads) of decode + model.predict in this process, after
+    one warm-up batch. CPU per image, unlike the rate, hardly moves with other load."""
     patchcore = model.load(bank_uri, "cpu", threads=torch.get_num_threads())
     spec = patchcore.spec
 
@@ -75,10 +78,10 @@ def loop_rate(bank_uri: str, paths: Sequence[str], batch_size: int) -> float:
         model.predict(patchcore, images, batch_size=batch_size)
 
     step(paths[:batch_size])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for lo in range(0, len(paths), batch_size):
         step(paths[lo : lo + batch_size])
-    return len(paths) / (time.perf_counter() - start)
+    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) / len(paths)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -111,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             spec = ModelSpec(backbone=name, weights=WEIGHTS.get(name, "none"),
                              layers=default_layers(name))
             images, _ = decode_all(paths, spec)
-            forward = forward_rate(spec, images, args.batch_size)
+            forward, forward_cpu = forward_rate(spec, images, args.batch_size)
             for size in (int(s) for s in args.bank_sizes.split(",")):
                 bank = os.path.join(workdir, f"bank-{name}-{size}")
                 make_bank(bank, spec, size)
-                loop = loop_rate(bank, paths, args.batch_size)
+                loop, loop_cpu = loop_rate(bank, paths, args.batch_size)
                 runs = [(label, "exact", flags) for label, flags in variants]
                 runs += [(m, m, []) for m in filter(None, args.knn.split(","))]
                 for label, method, flags in runs:
@@ -127,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     manifest = storage.read_manifest(out, "results")
                     recall = ((manifest.get("knn") or {}).get("recall") or {}).get("recall_at_1")
                     row = (name, feature_width(spec), size, label, forward, loop, steady["rate"],
-                           result.wall_s, recall)
+                           result.wall_s, recall, 1e3 * forward_cpu, 1e3 * loop_cpu,
+                           1e3 * steady["cpu"])
                     rows.append(row)
                     print("# " + json.dumps(row), flush=True)
                     shutil.rmtree(out, ignore_errors=True)
@@ -136,13 +140,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{'backbone':<20}{'width':>6}{'bank':>8}{'run':>10}{'forward':>9}{'loop':>7}{'job':>7}"
-          f"{'job/loop':>9}{'job/fwd':>8}{'wall s':>8}{'recall@1':>9}")
-    for name, width, size, method, forward, loop, job, wall, recall in rows:
+          f"{'job/loop':>9}{'job/fwd':>8}{'wall s':>8}{'recall@1':>9}"
+          f"{'fwd ms':>8}{'loop ms':>8}{'job ms':>8}")
+    for (name, width, size, method, forward, loop, job, wall, recall, forward_ms, loop_ms,
+         job_ms) in rows:
         print(f"{name:<20}{width:>6}{size:>8}{method:>10}{forward:>9.2f}{loop:>7.2f}{job:>7.2f}"
               f"{job / loop:>9.2f}{job / forward:>8.2f}{wall:>8.1f}"
-              f"{'-' if recall is None else f'{recall:.3f}':>9}")
+              f"{'-' if recall is None else f'{recall:.3f}':>9}"
+              f"{forward_ms:>8.0f}{loop_ms:>8.0f}{job_ms:>8.0f}")
     print("\nimages/s; forward = bare backbone, loop = decode + model.predict in one process, job = "
-          "`patchcore score` steady state (maps and masks written), all on the same CPUs.")
+          "`patchcore score` steady state (maps and masks written), all on the same CPUs. "
+          "fwd/loop/job ms: CPU milliseconds per image (all threads; the job's whole process "
+          "tree: driver, Ray, decode, actors, file writes), which other load hardly moves.")
 
 
 if __name__ == "__main__":
