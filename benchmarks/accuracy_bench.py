@@ -2,13 +2,17 @@
 crop|full of this project, and a plain re-implementation written from the paper's equations.
 
 In-process (no Ray), CPU, efficientnet_lite0 (blocks.2, blocks.4) with its packaged ImageNet
-weights. Data: MVTec-style tiles built in memory, jobs.demo_data's brick/grass/gravel plus two
-further skimage photos (immunohistochemistry, hubble_deep_field), 5 defect kinds with exact masks,
-in two placements: "centre" (defect centres in the middle 60 % of the tile) and "border" (every
-defect pixel within the outer 12 % of the tile, partly outside the centre crop). Metrics are taken
-in the input frame (the whole tile): a crop-frame map is 0 outside the crop.
+weights. Data: MVTec-style tiles built in memory, jobs.demo_data's brick/grass/gravel, two
+further skimage photos (immunohistochemistry, hubble_deep_field) and jobs.demo_data's procedural
+grey surfaces (grain: fine-grain metal, a new noise realisation per tile; uniform), 5 defect
+kinds with exact masks, in two placements: "centre" (defect centres in the middle 60 % of the
+tile) and "border" (every defect pixel within the outer 12 % of the tile, partly outside the
+centre crop). Metrics are taken in the input frame (the whole tile): a crop-frame map is 0
+outside the crop.
 
     python -m benchmarks.accuracy_bench --out benchmarks/results
+    python -m benchmarks.accuracy_bench --categories grain,uniform --seed 1 \
+        --out benchmarks/results --out-name accuracy_grain_seed1.md
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from patchcore_core import features, metrics, preprocess, scoring
 from patchcore_core import model as pc_model
 
 EXTRA_TEXTURES = ("ihc", "hubble")  # skimage.data.immunohistochemistry, hubble_deep_field
-CATEGORIES = (*demo_data.CATEGORIES, *EXTRA_TEXTURES)
+PHOTOS = (*demo_data.CATEGORIES, *EXTRA_TEXTURES)
+# the order fixes each category's seed stream: ihc and hubble keep theirs from before grain/uniform
+CATEGORIES = (*PHOTOS, *demo_data.SURFACE_CATEGORIES)
 PLACEMENTS = ("centre", "border")
 BORDER_BAND = 0.12  # border defects lie within this fraction of the tile side from an edge
 PROJECT_METHODS = [(a, f) for a in ("paper", "authors") for f in ("crop", "full")]
@@ -49,9 +55,10 @@ Eq. 7 (b = 9), metrics from patchcore_core.metrics (pixel metrics binned into 81
 (timm + the packaged weights), preprocessing, per-channel 3x3 average, pooling, greedy k-center
 loop on a seeded projection, torch.cdist nearest neighbour, max patch distance as image score,
 scipy Gaussian maps, sklearn pixel AUROC and an exact PRO; it imports nothing from patchcore_core
-and shares only the weights file and the generated data. Pixel metrics are in the tile frame
-(crop frames: 0 outside the crop). "defect px outside crop": share of the placement's defect
-pixels outside the centre-crop box. "s": seconds for one fit and scoring both placements."""
+and shares only the weights file and the generated data. grain/uniform are grey (equal
+channels); their defects show the luma of the defect colour, "color" defects a tone change.
+Pixel metrics are in the tile frame (crop frames: 0 outside the crop). "defect px outside crop":
+share of the placement's defect pixels outside the centre-crop box. "s": seconds for one fit and scoring both placements."""
 
 
 # --------------------------------------------------------------------------- data
@@ -140,10 +147,12 @@ def _defect_alpha(kind: str, size: int, placement: str, rng: np.random.Generator
 
 
 def _defect_content(
-    kind: str, clean: np.ndarray, other: np.ndarray, rng: np.random.Generator
+    kind: str, clean: np.ndarray, other: np.ndarray, rng: np.random.Generator,
+    grey_material: bool,
 ) -> np.ndarray:
     """What the defect region shows, (size, size, 3) float32; the kinds of demo_data.DEFECT_TYPES.
-    `other` is a different nominal tile of the same material (for "misplaced")."""
+    `other` is a different nominal tile of the same material (for "misplaced"); grey_material:
+    a grey material, whose "color" defect is a tone change of 12-30 levels (as in jobs.demo_data)."""
     base = clean.astype(np.float32)
     if kind == "scratch":  # bright on dark material and vice versa
         level = rng.uniform(225, 250) if base.mean() < 140 else rng.uniform(10, 35)
@@ -165,6 +174,8 @@ def _defect_content(
             smeared = scipy.ndimage.gaussian_filter(base, sigma=(sigma, sigma, 0))
             return smeared * rng.uniform(0.65, 0.8)
         return base + rng.normal(0.0, 45.0, size=base.shape)  # grainy
+    if kind == "color" and grey_material:
+        return base + rng.choice((-1.0, 1.0)) * rng.uniform(12.0, 30.0)
     if kind == "color":  # channels rotated, saturation lifted
         shifted = base[..., [2, 0, 1]] if rng.random() < 0.5 else base[..., [1, 2, 0]]
         grey = base.mean(axis=2, keepdims=True)
@@ -173,31 +184,45 @@ def _defect_content(
 
 
 def paint_defect(
-    clean: np.ndarray, kind: str, placement: str, other: np.ndarray, rng: np.random.Generator
+    clean: np.ndarray, kind: str, placement: str, other: np.ndarray, rng: np.random.Generator,
+    grey_material: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8, mask bool): the mask is where the shape covers >= half a pixel, blended by
-    coverage there; every pixel outside the mask keeps the clean tile's bytes."""
+    coverage there; every pixel outside the mask keeps the clean tile's bytes. grey_material:
+    the defect shows the luma (ITU-R 601) of its colour in all three channels."""
     alpha = _defect_alpha(kind, clean.shape[0], placement, rng)
-    content = _defect_content(kind, clean, other, rng)
+    content = _defect_content(kind, clean, other, rng, grey_material)
+    if grey_material:
+        luma = content @ np.asarray((0.299, 0.587, 0.114), dtype=np.float32)
+        content = np.repeat(luma[..., None], 3, axis=2)
     mask = alpha >= 0.5
     weight = np.where(mask, alpha, 0.0)[..., None]
     blended = np.clip(np.rint(clean * (1.0 - weight) + content * weight), 0, 255).astype(np.uint8)
     return np.where(mask[..., None], blended, clean), mask
 
 
+def fade_defect(image: np.ndarray, clean: np.ndarray, opacity: float) -> np.ndarray:
+    """clean + opacity * (image - clean), rounded to uint8: a fainter copy of the same defect."""
+    blend = clean.astype(np.float32) + opacity * (image.astype(np.float32) - clean)
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
 def category_data(
-    category: str, size: int, num_train: int, num_good: int, num_defect: int, seed: int
+    category: str, size: int, num_train: int, num_good: int, num_defect: int, seed: int,
+    opacity: float = 1.0,
 ) -> CategoryData:
     """Training tiles and the centre/border test sets of one category (num_defect per kind).
 
-    Demo categories: train, nominal test and centre-defect tiles are jobs.demo_data's own; border
-    defects are painted on the clean tiles under its centre defects. Extra textures: all tiles
-    from `texture_tile`, defects from `paint_defect`. Every image has its own seeded generator.
+    Demo categories (photos and grey surfaces): train, nominal test and centre-defect tiles are
+    jobs.demo_data's own; border defects are painted on the clean tiles under its centre defects.
+    Extra textures: all tiles from `texture_tile`, defects from `paint_defect`. Every image has
+    its own seeded generator. opacity < 1 fades every defect towards its clean tile
+    (`fade_defect`), masks unchanged; 1 keeps the painted bytes.
     """
     kinds = demo_data.DEFECT_TYPES
     code = CATEGORIES.index(category)
     rng_for = lambda *key: np.random.default_rng([seed, code, *key])  # noqa: E731
-    if category in demo_data.CATEGORIES:
+    if category in demo_data.ALL_CATEGORIES:
         source = demo_data.source_texture(category)
         sample = lambda split, defect, i: demo_data.demo_sample(  # noqa: E731
             category, split, defect, i, size=size, seed=seed, source=source)
@@ -220,10 +245,17 @@ def category_data(
                          rng_for(4, k, i))
             for k in range(len(kinds)) for i in range(num_defect)
         ]
+    grey = category in demo_data.SURFACE_CATEGORIES
     border_pairs = [
-        paint_defect(cleans[k * num_defect + i], kinds[k], "border", other(k, i), rng_for(5, k, i))
+        paint_defect(cleans[k * num_defect + i], kinds[k], "border", other(k, i), rng_for(5, k, i),
+                     grey)
         for k in range(len(kinds)) for i in range(num_defect)
     ]
+    if opacity != 1.0:
+        centre_pairs = [(fade_defect(image, clean, opacity), mask)
+                        for (image, mask), clean in zip(centre_pairs, cleans, strict=True)]
+        border_pairs = [(fade_defect(image, clean, opacity), mask)
+                        for (image, mask), clean in zip(border_pairs, cleans, strict=True)]
     labels = np.r_[np.zeros(num_good), np.ones(len(kinds) * num_defect)]
     empty = [np.zeros((size, size), dtype=bool)] * num_good
     tests = {
@@ -500,7 +532,7 @@ def run_category(
 ) -> tuple[list[dict], list[dict]]:
     """(metric rows, Eq. 7 rows) of every method x placement for one category."""
     data = category_data(category, args.tile, args.train, args.test_good, args.test_defect,
-                         args.seed)
+                         args.seed, args.defect_opacity)
     resize = args.tile
     rows, eq7 = [], []
     for aggregation, frame in PROJECT_METHODS:
@@ -534,20 +566,28 @@ def run_category(
 
 
 def metric_table(rows: list[dict]) -> str:
-    """Markdown: one row per placement x category x method, then per placement x method means."""
+    """Markdown: one row per placement x category x method, then per placement x method means
+    over all categories, and over the photo textures alone when grey surfaces are also present."""
     lines = ["| placement | category | method | image AUROC | pixel AUROC | PRO "
              "| defect px outside crop | s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['placement']} | {r['category']} | {r['method']} | "
                      f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['pro']:.3f} | "
                      f"{r['outside_crop']:.0%} | {r['seconds']:.0f} |")
-    for placement in PLACEMENTS:
-        for method in METHODS:
-            chosen = [r for r in rows if (r["placement"], r["method"]) == (placement, method)]
-            if chosen:
-                means = " | ".join(f"{np.mean([r[k] for r in chosen]):.3f}"
-                                   for k in ("image_auroc", "pixel_auroc", "pro"))
-                lines.append(f"| {placement} | **mean** | {method} | {means} | | |")
+    names = {r["category"] for r in rows}
+    groups = [("**mean**", names)]
+    if names & set(PHOTOS) and names - set(PHOTOS):
+        photos = names & set(PHOTOS)
+        groups.append((f"**mean, {len(photos)} photo{'s' if len(photos) > 1 else ''}**", photos))
+    for label, group in groups:
+        for placement in PLACEMENTS:
+            for method in METHODS:
+                chosen = [r for r in rows if (r["placement"], r["method"]) == (placement, method)
+                          and r["category"] in group]
+                if chosen:
+                    means = " | ".join(f"{np.mean([r[k] for r in chosen]):.3f}"
+                                       for k in ("image_auroc", "pixel_auroc", "pro"))
+                    lines.append(f"| {placement} | {label} | {method} | {means} | | |")
     return "\n".join(lines)
 
 
@@ -578,20 +618,27 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
     parser.add_argument("--embed-dim", type=int, default=1024,
                         help="patch embedding width D (the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="data, projection and coreset seed")
+    parser.add_argument("--defect-opacity", type=float, default=1.0,
+                        help="fade defects to this fraction of their contrast (0, 1]: fainter "
+                             "defects move image AUROC off the ceiling")
     parser.add_argument("--out", default=None,
-                        help="folder to write accuracy.md into; None: print only")
+                        help="folder to write the report into; None: print only")
+    parser.add_argument("--out-name", default="accuracy.md", help="report file name in --out")
     args = parser.parse_args(argv)
     categories = [c for c in args.categories.split(",") if c]
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
         raise SystemExit(f"unknown categories {unknown}; choose from {list(CATEGORIES)}")
+    if not 0.0 < args.defect_opacity <= 1.0:
+        raise SystemExit(f"--defect-opacity must be in (0, 1], got {args.defect_opacity}")
     if not 32 <= args.crop <= args.tile:
         raise SystemExit(f"need 32 <= --crop <= --tile, got crop {args.crop}, tile {args.tile}")
     start = time.perf_counter()
     print(f"config: categories={','.join(categories)} tile={args.tile} resize={args.tile} "
           f"crop={args.crop} train={args.train} test_good={args.test_good} "
           f"test_defect={args.test_defect}x{len(demo_data.DEFECT_TYPES)} ratio={args.ratio} "
-          f"embed_dim={args.embed_dim} seed={args.seed} backbone=efficientnet_lite0 "
+          f"embed_dim={args.embed_dim} seed={args.seed} defect_opacity={args.defect_opacity} "
+          f"backbone=efficientnet_lite0 "
           f"layers={','.join(LAYERS)} torch_threads={torch.get_num_threads()}", flush=True)
     print(f"project paper aggregation at the map border: {paper_border_rule()}", flush=True)
     network = plain_backbone()
@@ -611,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "accuracy.md").write_text(report)
+        (Path(args.out) / args.out_name).write_text(report)
     return rows, eq7
 
 

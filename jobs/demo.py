@@ -57,7 +57,9 @@ class DemoConfig:
 
     out: str = arg("folder for data/, banks/, results/ and report/", "patchcore-demo")
     size: str = arg("tiny|small|medium: image size and count (small runs in minutes on 2 CPUs)", "small")
-    categories: str = arg("comma-separated subset of brick,grass,gravel", ",".join(demo_data.CATEGORIES))
+    categories: str = arg("comma-separated subset of brick,grass,gravel (skimage photos, the "
+                          "default) and grain,uniform (procedural grey surfaces)",
+                          ",".join(demo_data.CATEGORIES))
     data_only: bool = arg("only write the demo dataset, then stop", False)
     seed: int = arg("seed of the demo data and the coreset", 0)
     device: str = arg("auto|cpu|cuda for fit and score", "auto")
@@ -67,10 +69,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
             raise ValueError(f"--size must be one of {', '.join(PRESETS)}, got {self.size!r}")
-        bad = [c for c in self.category_list if c not in demo_data.CATEGORIES]
+        bad = [c for c in self.category_list if c not in demo_data.ALL_CATEGORIES]
         if bad or not self.category_list:
             raise ValueError(
-                f"--categories {self.categories!r}: choose from {', '.join(demo_data.CATEGORIES)}"
+                f"--categories {self.categories!r}: choose from {', '.join(demo_data.ALL_CATEGORIES)}"
             )
 
     @property

@@ -1,8 +1,10 @@
 """Synthetic data in the MVTec AD layout (the paper's benchmark, §4.1) from skimage's texture photos.
 
 Nominal tiles are random crops of `skimage.data.brick/grass/gravel` (flips, small scale and
-brightness changes); test tiles carry synthetic defects with exact ground-truth masks: every pixel
-outside the mask equals the clean tile, every defect pixel lies inside it. Same seed, same bytes.
+brightness changes), or procedural grey surfaces (`grain`: fine-grain cast or sand-blasted metal,
+every tile its own noise realisation; `uniform`: a flat, gently shaded surface); test tiles carry
+synthetic defects with exact ground-truth masks: every pixel outside the mask equals the clean
+tile, every defect pixel lies inside it. Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from scipy import ndimage
 
 from patchcore_core import storage
 
-CATEGORIES = ("brick", "grass", "gravel")
+CATEGORIES = ("brick", "grass", "gravel")  # skimage photos; the demo's default set
+# Procedural grey surfaces, selectable by name (issue 14: fine-grain textures like real inspection
+# images of cast or blasted parts, and the uniform case next to them).
+SURFACE_CATEGORIES = ("grain", "uniform")
+ALL_CATEGORIES = (*CATEGORIES, *SURFACE_CATEGORIES)  # order fixes each category's seed stream
 DEFECT_TYPES = ("scratch", "stain", "misplaced", "texture", "color")
 # RGB gain per category: turns the grayscale photos into plausible colour material.
-_TINTS = {"brick": (1.0, 0.72, 0.58), "grass": (0.80, 1.0, 0.62), "gravel": (1.0, 0.95, 0.86)}
+_TINTS = {"brick": (1.0, 0.72, 0.58), "grass": (0.80, 1.0, 0.62), "gravel": (1.0, 0.95, 0.86),
+          "grain": (1.0, 1.0, 1.0), "uniform": (1.0, 1.0, 1.0)}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L": what a grey camera records of a colour
+_GRAIN_SOURCE_SEED = 20240614  # the fixed 512 px grain realisation behind "misplaced" defects
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged: anti-aliased edges
 _SOURCE_SCALE = 2.0  # source px per tile px: a 128 px tile shows a 256 px crop of the 512 px photo
 
@@ -40,12 +49,55 @@ class DemoSample:
 
 
 def source_texture(category: str) -> np.ndarray:
-    """The 512x512 grayscale photo behind `category`, float32 in [0, 255]."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown demo category {category!r}; choose from {list(CATEGORIES)}")
+    """The 512x512 grayscale photo behind `category`, float32 in [0, 255].
+
+    For the surface categories it is one fixed grain realisation at 2 source px per tile px (as
+    the photos are); only their "misplaced" defects read it: coarser grain, or on the uniform
+    surface a rough spot.
+    """
+    if category not in ALL_CATEGORIES:
+        raise ValueError(f"unknown demo category {category!r}; choose from {list(ALL_CATEGORIES)}")
+    if category in SURFACE_CATEGORIES:
+        rng = np.random.default_rng(_GRAIN_SOURCE_SEED)
+        return _grain_gray(512, _SOURCE_SCALE, rng).astype(np.float32)
     from skimage import data  # deferred: importing skimage.data is slow and unused elsewhere
 
     return getattr(data, category)().astype(np.float32)
+
+
+def _grain_gray(size: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Fine-grain surface lit from the top left: (size, size) float64 grey levels, mean 135, std 20.
+
+    Height = white noise band-passed by a difference of Gaussians (sigma 0.7 and 2 px, times
+    `scale`): bumps 1-3 px across. Brightness = its slope along the light (relief) plus the height
+    itself (albedo); the light direction is fixed, as on an inspection line.
+    """
+    noise = rng.standard_normal((size, size))
+    height = ndimage.gaussian_filter(noise, 0.7 * scale, mode="wrap")
+    height -= ndimage.gaussian_filter(noise, 2.0 * scale, mode="wrap")
+    slope_y, slope_x = np.gradient(height)
+    light = (slope_x + slope_y) / math.sqrt(2.0)
+    shade = 0.7 * light / light.std() + 0.5 * height / height.std()
+    return 135.0 + 20.0 * shade / shade.std()
+
+
+def _surface_tile(category: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A fresh procedural tile (no two share pixels position by position): (size, size, 3) uint8.
+
+    grain: `_grain_gray` at scale 0.95-1.05. uniform: level 150, a linear ramp of up to 12 and a
+    bowl of up to +-6 grey levels across the tile. Both: gain 0.93-1.07, offset +-6 and sensor
+    noise of std 2 grey levels; the three channels are equal.
+    """
+    if category == "grain":
+        gray = _grain_gray(size, rng.uniform(0.95, 1.05), rng)
+    else:
+        y, x = (np.mgrid[0:size, 0:size] + 0.5) / size - 0.5  # tile coordinates in [-0.5, 0.5)
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        ramp = rng.uniform(0.0, 12.0) * (x * math.cos(angle) + y * math.sin(angle))
+        gray = 150.0 + ramp + rng.uniform(-6.0, 6.0) * 2.0 * (x**2 + y**2)
+    gray = gray * rng.uniform(0.93, 1.07) + rng.uniform(-6.0, 6.0)
+    gray = gray + rng.normal(0.0, 2.0, size=gray.shape)
+    return _to_uint8(np.repeat(gray[..., None], 3, axis=2))
 
 
 def _resize(gray: np.ndarray, size: int) -> np.ndarray:
@@ -66,7 +118,12 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def _nominal_tile(source: np.ndarray, category: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random crop (scale +-5 %), random flips, small gain/offset change: (size, size, 3) uint8."""
+    """Random crop (scale +-5 %), random flips, small gain/offset change: (size, size, 3) uint8.
+
+    Surface categories draw a fresh tile instead (`_surface_tile`; `source` unused).
+    """
+    if category in SURFACE_CATEGORIES:
+        return _surface_tile(category, size, rng)
     side = min(source.shape[0], round(size * _SOURCE_SCALE * rng.uniform(0.95, 1.05)))
     top, left = rng.integers(0, source.shape[0] - side + 1, size=2)
     gray = _resize(source[top : top + side, left : left + side], size)
@@ -198,6 +255,8 @@ def _defect_content(
             return ndimage.gaussian_filter(base, sigma=(sigma, sigma, 0)) * rng.uniform(0.65, 0.8)
         return base + rng.normal(0.0, 45.0, size=base.shape)  # grainy: strong pixel noise
     if kind == "color":
+        if category in SURFACE_CATEGORIES:  # a grey camera sees discolouration as a tone change
+            return base + rng.choice((-1.0, 1.0)) * rng.uniform(12.0, 30.0)
         # rotate the colour channels and lift saturation: same texture, wrong colour
         shifted = base[..., [2, 0, 1]] if rng.random() < 0.5 else base[..., [1, 2, 0]]
         grey = base.mean(axis=2, keepdims=True)
@@ -212,6 +271,7 @@ def add_defect(
 
     Returns (image uint8, mask bool). The mask is where the anti-aliased shape covers >= half a
     pixel; there the pixel blends clean -> defect by its coverage (0.5..1); elsewhere it is clean.
+    Surface categories are grey: their defects show the luma of the defect colour.
     """
     if kind not in DEFECT_TYPES:
         raise ValueError(f"unknown defect type {kind!r}; choose from {list(DEFECT_TYPES)}")
@@ -223,6 +283,8 @@ def add_defect(
     else:
         alpha = _blob_alpha(size, rng, (0.07, 0.14))
     content = _defect_content(kind, clean, source, category, rng)
+    if category in SURFACE_CATEGORIES:
+        content = np.repeat(content @ np.asarray(_LUMA, dtype=np.float32), 3).reshape(content.shape)
     mask = alpha >= 0.5
     weight = np.where(mask, alpha, 0.0)[..., None]
     blended = _to_uint8(clean.astype(np.float32) * (1.0 - weight) + content * weight)
@@ -237,7 +299,8 @@ def _sample_rng(seed: int, category: str, split: str, defect: str, index: int) -
     """Independent generator per image, so any image can be rebuilt on its own."""
     split_code = ("train", "test").index(split)
     defect_code = ("good", *DEFECT_TYPES).index(defect)
-    return np.random.default_rng([seed, CATEGORIES.index(category), split_code, defect_code, index])
+    category_code = ALL_CATEGORIES.index(category)
+    return np.random.default_rng([seed, category_code, split_code, defect_code, index])
 
 
 def demo_sample(
@@ -286,15 +349,18 @@ def make_demo_dataset(
     <out>/<category>/train/good/NNN.png, test/good/NNN.png, test/<defect>/NNN.png,
     ground_truth/<defect>/NNN_mask.png (0/255, same size). num_test_defect is per defect type;
     size is the tile side in px. Returns {category: {"train": n, "test_good": n, "test_defect": n}}.
+    categories: any of ALL_CATEGORIES; the default is the three photo textures.
     """
     for name, value, low in (("num_train", num_train, 1), ("num_test_good", num_test_good, 1),
                              ("num_test_defect", num_test_defect, 1), ("size", size, 32)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    bad = [c for c in categories if c not in CATEGORIES] + [d for d in defect_types if d not in DEFECT_TYPES]
+    bad = [c for c in categories if c not in ALL_CATEGORIES]
+    bad += [d for d in defect_types if d not in DEFECT_TYPES]
     if bad or not categories or not defect_types:
         raise ValueError(
-            f"unknown or missing categories/defect types {bad}; categories: {list(CATEGORIES)}, "
+            f"unknown or missing categories/defect types {bad}; "
+            f"categories: {list(ALL_CATEGORIES)}, "
             f"defect types: {list(DEFECT_TYPES)}"
         )
     counts = {}

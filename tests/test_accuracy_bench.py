@@ -135,6 +135,59 @@ def test_crop_frame_maps_are_zero_outside_the_crop_and_full_frame_maps_cover_it(
     assert (plain.maps[:, outside] == 0).all() and (plain.maps[:, ~outside] > 0).all()
 
 
+@pytest.mark.parametrize("category", ["grain", "uniform"])
+def test_surface_categories_use_demo_tiles_and_stay_grey_in_both_placements(category: str) -> None:
+    from jobs import demo_data
+
+    data = ab.category_data(category, TILE, num_train=2, num_good=2, num_defect=1, seed=0)
+    expected = demo_data.demo_sample(category, "train", "good", 1, size=TILE, seed=0).image
+    np.testing.assert_array_equal(data.train[1], expected)
+    band = ab.border_band(TILE)
+    for placement, test in data.tests.items():
+        for image in test.images:
+            assert (image == image[..., :1]).all(), placement  # a grey camera's image
+        assert all(m.any() for m in test.masks[2:])
+        if placement == "border":
+            assert not any((mask & ~band).any() for mask in test.masks[2:])
+
+
+def test_fade_defect_scales_the_change_from_the_clean_tile(rng: np.random.Generator) -> None:
+    clean = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    faded = ab.fade_defect(image, clean, 0.3).astype(float)
+    expected = clean + 0.3 * (image.astype(float) - clean)
+    assert np.abs(faded - expected).max() <= 0.5  # rounding only
+    np.testing.assert_array_equal(ab.fade_defect(image, clean, 1.0), image)
+
+
+def test_defect_opacity_changes_only_masked_pixels_and_one_keeps_the_bytes(
+    data: ab.CategoryData,
+) -> None:
+    faded = ab.category_data("gravel", TILE, 3, 2, 1, seed=0, opacity=0.3)
+    same = ab.category_data("gravel", TILE, 3, 2, 1, seed=0, opacity=1.0)
+    for placement, test in data.tests.items():
+        pairs = zip(test.images, test.masks, faded.tests[placement].images,
+                    faded.tests[placement].masks, same.tests[placement].images, strict=True)
+        for full, mask, weak, weak_mask, kept in pairs:
+            np.testing.assert_array_equal(kept, full)
+            np.testing.assert_array_equal(weak_mask, mask)
+            np.testing.assert_array_equal(weak[~mask], full[~mask])
+            if mask.any():
+                assert (weak[mask] != full[mask]).any()
+
+
+def test_metric_table_adds_photo_means_only_when_grey_surfaces_are_present() -> None:
+    def row(category: str, value: float) -> dict:
+        return {"placement": "centre", "category": category, "method": "paper/crop",
+                "image_auroc": value, "pixel_auroc": value, "pro": value, "outside_crop": 0.0,
+                "seconds": 1.0}
+
+    mixed = ab.metric_table([row("brick", 0.9), row("hubble", 0.7), row("grain", 0.2)])
+    assert "| centre | **mean** | paper/crop | 0.600 | 0.600 | 0.600 |" in mixed
+    assert "| centre | **mean, 2 photos** | paper/crop | 0.800 | 0.800 | 0.800 |" in mixed
+    assert "photos" not in ab.metric_table([row("brick", 0.9), row("hubble", 0.7)])
+
+
 def test_plain_pro_matches_the_project_binned_pro(rng: np.random.Generator) -> None:
     masks = np.zeros((4, 40, 40), dtype=bool)
     masks[1, 5:15, 5:12] = True
