@@ -194,7 +194,8 @@ def split_env(tokens: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     flags, env = [], {}
     for token in tokens:
         name, eq, value = token.partition("=")
-        if eq and name.isupper() and name.replace("_", "").isalnum():
+        # NAME starts upper case (OMP_NUM_THREADS, RAY_idle_worker_killing_time_threshold_ms)
+        if eq and name[:1].isupper() and name.replace("_", "").isalnum():
             env[name] = value
         else:
             flags.append(token)

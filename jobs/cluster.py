@@ -35,6 +35,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (mallo
 # Decoding is a few ms of an image's work against tens for the model, so a fraction of a CPU keeps
 # up on a small machine whose actors hold the rest; with none left no decode task could start.
 DECODE_CPUS = 0.25
+# How long an idle task worker is kept (Ray's default: 1 s once a node has more workers than CPUs,
+# which the model actors alone reach). Decode and map-writing tasks come every few hundred ms per
+# stream, but with gaps above 1 s on slow backbones, so Ray kept killing their workers and starting
+# new ones, each importing torch again: wide_resnet50_2 `score` spent 519 against 412 CPU ms an
+# image and ran at 0.59 of an in-process loop instead of 0.83 (benchmarks/results/throughput.txt).
+# Set for a local Ray here and for clusters in infra/Dockerfile (RAY_idle_worker_killing_time_threshold_ms).
+IDLE_WORKER_KEEP_MS = 60_000
 
 
 @contextlib.contextmanager
@@ -49,7 +56,8 @@ def ray_session() -> Iterator[None]:
         ray.init(address=address)
         log.info("connected to Ray cluster at %s", address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False,
+                 _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
         log.info("no RAY_ADDRESS: started a local Ray with %s", ray.cluster_resources())
     try:
         yield

@@ -269,3 +269,10 @@ def test_nightly_cronjob_submits_one_incremental_run_a_night_to_the_rayclusters_
         result = subprocess.run(["sh", "-c", script], env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
                                 capture_output=True, timeout=30)
         assert result.returncode == pod_status, (submit_status, result.stderr)
+
+
+def test_cluster_images_keep_idle_task_workers_as_long_as_a_local_ray() -> None:
+    from jobs import cluster
+
+    env = re.search(r"RAY_idle_worker_killing_time_threshold_ms=(\d+)", (INFRA / "Dockerfile").read_text())
+    assert env and int(env.group(1)) == cluster.IDLE_WORKER_KEEP_MS
