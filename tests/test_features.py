@@ -187,41 +187,35 @@ def _relative_shift_change(spec: ModelSpec, texture: np.ndarray) -> float:
     return float(((out[0] - out[1]).norm(dim=-1) / out[0].norm(dim=-1)).mean())
 
 
-def test_one_pixel_shift_of_a_texture_barely_moves_paper_features() -> None:
+def _gravel() -> np.ndarray:
+    from skimage import data
+
+    return np.repeat(data.gravel()[..., None], 3, axis=2)  # (512, 512, 3) uint8
+
+
+def _grain() -> np.ndarray:
+    from jobs import demo_data
+
+    return demo_data.demo_sample("grain", "train", "good", 0, size=256, seed=0).image
+
+
+@pytest.mark.parametrize(("texture", "ratio"), [(_gravel, 1.3), (_grain, 1.5)],
+                         ids=["gravel", "fine-grain"])
+def test_one_pixel_shift_of_a_texture_barely_moves_paper_features(texture, ratio: float) -> None:
     # efficientnet_lite0 with its ImageNet weights (C*p*p = 360 and 1008 < D = 1024): the authors'
     # pooling keeps the raw 3×3 stencil, so a one-pixel shift of gravel changes every patch by a
     # third; per-channel averaging keeps the change to what the backbone maps themselves do.
-    from skimage import data
-
-    texture = np.repeat(data.gravel()[..., None], 3, axis=2)  # (512, 512, 3) uint8
+    # Fine grain (issue 14: bumps 1-3 px across, jobs.demo_data "grain"): 0.18 vs 0.37 measured.
     changes = {
         aggregation: _relative_shift_change(
             ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=128,
                       crop=128, aggregation=aggregation),
-            texture,
+            texture(),
         )
         for aggregation in ("paper", "authors")
     }
     assert changes["paper"] < 0.25, changes
-    assert changes["authors"] > 1.3 * changes["paper"], changes
-
-
-def test_one_pixel_shift_of_fine_grain_moves_paper_features_less_than_authors() -> None:
-    # issue 14's case: grain 1-3 px across (jobs.demo_data "grain"), where no two images share
-    # pixels position by position; measured 0.18 (paper) vs 0.37 (authors)
-    from jobs import demo_data
-
-    texture = demo_data.demo_sample("grain", "train", "good", 0, size=256, seed=0).image
-    changes = {
-        aggregation: _relative_shift_change(
-            ModelSpec(backbone="efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=128,
-                      crop=128, aggregation=aggregation),
-            texture,
-        )
-        for aggregation in ("paper", "authors")
-    }
-    assert changes["paper"] < 0.25, changes
-    assert changes["authors"] > 1.5 * changes["paper"], changes
+    assert changes["authors"] > ratio * changes["paper"], changes
 
 
 def test_patch_features_rejects_even_patch_size() -> None:
