@@ -111,7 +111,7 @@ def child(method: str, images: str, index_path: str) -> dict:
     """One measurement in this process: planning time and the peak RSS planning adds."""
     from jobs import incremental  # noqa: F401  (imports before the baseline)
 
-    index = np.load(index_path) if index_path else np.empty(0, np.uint64)
+    index = np.load(index_path, allow_pickle=False) if index_path else np.empty(0, np.uint64)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
