@@ -157,12 +157,8 @@ class ScoreActor:
             report["params"] = {n: d["params"] for n, d in zip(self.model.names, described)}
         if self.members[0].index.method != "exact":
             measured = [self._member_recall(m, images) for m in self.members]
-            hits, queries = sum(r["hits"] for r in measured), sum(r["num_queries"] for r in measured)
-            report["recall"] = {
-                "hits": hits, "num_queries": queries, "recall_at_1": hits / queries,
-                "distance_ratio_mean": sum(r["distance_ratio_mean"] * r["num_queries"]
-                                           for r in measured) / queries,
-                "images": [str(u) for u in uris[:RECALL_IMAGES]]}
+            report["recall"] = {**pooled_recall(measured),
+                                "images": [str(u) for u in uris[:RECALL_IMAGES]]}
         return json.dumps(report, sort_keys=True)
 
     def _member_recall(self, member: model.PatchCore, images: torch.Tensor) -> dict[str, Any]:
@@ -258,6 +254,16 @@ def score_shards(
                              after_kwargs=after_kwargs, timing=timing)
 
 
+def pooled_recall(measured: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several `knn.measure_recall` results as one: hits and queries summed, recall_at_1 =
+    hits / queries, distance_ratio_mean weighted by queries (None without queries)."""
+    hits, queries = sum(m["hits"] for m in measured), sum(m["num_queries"] for m in measured)
+    return {"recall_at_1": hits / queries if queries else None, "hits": hits,
+            "num_queries": queries,
+            "distance_ratio_mean": (sum(m["distance_ratio_mean"] * m["num_queries"]
+                                        for m in measured) / queries if queries else None)}
+
+
 def knn_summary(options: knn.KnnOptions, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The manifest's `knn`: what --knn asked for and what the actors ran, from the shards' records.
 
@@ -276,13 +282,8 @@ def knn_summary(options: knn.KnnOptions, records: Sequence[Mapping[str, Any]]) -
     }
     measured = [r["recall"] for r in reports if "recall" in r]
     if measured:
-        hits, queries = sum(m["hits"] for m in measured), sum(m["num_queries"] for m in measured)
         summary["recall"] = {
-            "recall_at_1": hits / queries if queries else None,
-            "hits": hits,
-            "num_queries": queries,
-            "distance_ratio_mean": (sum(m["distance_ratio_mean"] * m["num_queries"] for m in measured)
-                                    / queries if queries else None),
+            **pooled_recall(measured),
             "measurements": len(measured),
             "queries": "up to knn.RECALL_QUERIES seeded patches of the first "
                        f"{RECALL_IMAGES} readable images each actor scored",
