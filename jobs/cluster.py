@@ -199,6 +199,21 @@ def resolve_resources(flags: ActorFlags, device: str) -> tuple[int, float, float
     )
 
 
+def task_slots(workers: int, actor_cpus: float, decode_cpus: float) -> int | None:
+    """Most decode (or map-writing) tasks a stage may run at once: as many as the CPUs the model
+    actors leave hold, at least one; None (Ray Data's own limit) on a remote cluster, whose
+    autoscaler may add CPUs for waiting tasks.
+
+    Without a cap, CPUs that the actors free at the end of a run (or between batches) let Ray
+    Data start a burst of tasks, each in a new worker process that imports torch first (seconds
+    of CPU each) to do milliseconds of work.
+    """
+    if on_remote_cluster():
+        return None
+    spare = sum(node_cpus()) - workers * actor_cpus
+    return max(1, int(spare / decode_cpus + 1e-9))
+
+
 # Automatic coreset ranks (--workers 0) are sized by the collective's cost, not by the CPU count.
 # Each greedy step every rank scans its n_k rows (a d = 128 wide distance update: ~25 ns a row on
 # a CPU core, ~0.3 ns on a GPU, which is bound by reading the 512 B row), then waits for one

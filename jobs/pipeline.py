@@ -120,9 +120,12 @@ def stream_shards(
         return
     workers, actor_cpus, decode_cpus = cluster.resolve_resources(flags, device)
     threads = max(1, round(actor_cpus))
+    slots = cluster.task_slots(workers, actor_cpus, decode_cpus)
+    tasks = ray.data.TaskPoolStrategy(size=slots)
     log.info("%s: %d images in %d shards on %d %s actor(s) of %g CPUs (%d torch threads), batch size "
-             "%d; %g CPUs per decode task", label, len(rows), len(shards), workers, device,
-             actor_cpus, threads, flags.batch_size, decode_cpus)
+             "%d; %g CPUs per decode task, at most %s at once", label, len(rows), len(shards),
+             workers, device, actor_cpus, threads, flags.batch_size, decode_cpus,
+             "Ray Data's limit" if slots is None else slots)
     ds = ray.data.from_items(rows)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates remote options passed to map_batches (removal planned for 2.64) but
@@ -133,7 +136,7 @@ def stream_shards(
             decode_batch, batch_size=flags.batch_size, batch_format="numpy",
             fn_kwargs={"resize": spec.resize, "crop": spec.crop, "frame": spec.frame,
                        "max_pixels": flags.max_pixels, "storage_options": flags.options},
-            num_cpus=decode_cpus,
+            num_cpus=decode_cpus, compute=tasks,
             max_retries=flags.retries,  # a decode worker that dies (OOM kill, node loss)
         )
         ds = ds.map_batches(
@@ -149,7 +152,7 @@ def stream_shards(
         if after is not None:
             ds = ds.map_batches(after, batch_size=flags.batch_size, batch_format="numpy",
                                 fn_kwargs=dict(after_kwargs or {}), num_cpus=decode_cpus,
-                                max_retries=flags.retries)
+                                compute=tasks, max_retries=flags.retries)
     by_index = {s.index: s for s in shards}
     pending: dict[int, dict[int, dict[str, Any]]] = {s.index: {} for s in shards}
     total = total_images if total_images is not None else len(rows)

@@ -165,14 +165,15 @@ def to_tensor(
     rgb = np.asarray(image)  # (H, W, 3) uint8
     # Resampling `box` to crop x crop equals resizing the whole image and cutting the crop out:
     # output pixel i samples box_left + (i + 0.5) * box_width / crop with the same filter width.
-    channels = [
-        np.asarray(
-            Image.fromarray(rgb[:, :, c].astype(np.float32), mode="F").resize(
-                (crop, crop), Image.Resampling.BILINEAR, box=box
-            )
-        )
-        for c in range(3)
-    ]
+    def resampled(channel: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(channel.astype(np.float32), mode="F").resize(
+            (crop, crop), Image.Resampling.BILINEAR, box=box))
+
+    if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2]):
+        gray = resampled(rgb[:, :, 0])  # a gray image: one resample serves all three channels
+        channels = [gray, gray, gray]
+    else:
+        channels = [resampled(rgb[:, :, c]) for c in range(3)]
     pixels = torch.from_numpy(np.stack(channels)) / 255.0  # (3, crop, crop) in [0, 1]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

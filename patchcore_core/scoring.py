@@ -5,6 +5,7 @@ All scores are Euclidean distances in feature space (not squared).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -62,25 +63,36 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.T
     defaults, as the authors' code uses: truncate 4, radius int(4 * sigma + 0.5) (= ceil(4 sigma)
     = 16 for sigma 4), borders mode "reflect" = half-sample symmetric (d c b a | a b c d | d c b a),
     which is numpy's "symmetric", not torch's "reflect".
+
+    Both steps are linear and act on rows and columns separately, so the whole map is
+    A_h @ grid @ A_w^T with A = blur(upsample(identity)) of shape (size, h): two small matrix
+    products an image instead of a (size x size) 2-D pass per step (`axis_operator`; it equals
+    the step-by-step result to float32 rounding).
     """
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must be (B, h, w), got shape {tuple(patch_scores.shape)}")
     if size < 1 or sigma < 0:
         raise ValueError(f"need size >= 1 and sigma >= 0, got size={size}, sigma={sigma}")
-    maps = F.interpolate(
-        patch_scores[:, None].to(torch.float32),
-        size=(size, size),
-        mode="bilinear",
-        align_corners=False,
-    )[:, 0]
+    _, h, w = patch_scores.shape
+    grids = patch_scores.to(torch.float32)
+    rows = axis_operator(h, size, sigma).to(grids.device)  # (size, h)
+    cols = rows if w == h else axis_operator(w, size, sigma).to(grids.device)  # (size, w)
+    return (rows @ grids @ cols.T).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def axis_operator(length: int, size: int, sigma: float) -> torch.Tensor:
+    """(size, length) float32 matrix of one axis of `anomaly_maps`: bilinear upsample of `length`
+    values to `size` (align_corners=False), then the Gaussian of std `sigma` with half-sample
+    symmetric borders; built in float64 by applying both steps to the identity."""
+    basis = torch.eye(length, dtype=torch.float64)[:, None, :]  # (length, 1, length): one-hot rows
+    upsampled = F.interpolate(basis, size=size, mode="linear", align_corners=False)[:, 0]
     radius = int(4.0 * sigma + 0.5)
-    if sigma == 0 or radius == 0:
-        return maps
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(torch.float32).to(maps.device)
-    maps = _blur_last_axis(maps, kernel, radius)
-    return _blur_last_axis(maps.transpose(1, 2), kernel, radius).transpose(1, 2).contiguous()
+    if sigma > 0 and radius > 0:
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        upsampled = _blur_last_axis(upsampled[None], kernel / kernel.sum(), radius)[0]
+    return upsampled.T.to(torch.float32).contiguous()  # row i: weights of output pixel i
 
 
 def _blur_last_axis(maps: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
@@ -90,7 +102,7 @@ def _blur_last_axis(maps: torch.Tensor, kernel: torch.Tensor, radius: int) -> to
     source = torch.arange(-radius, W + radius, device=maps.device) % (2 * W)
     source = torch.where(source < W, source, 2 * W - 1 - source)
     padded = maps[:, :, source].reshape(B * H, 1, W + 2 * radius)
-    return F.conv1d(padded, kernel.view(1, 1, -1)).view(B, H, W)
+    return F.conv1d(padded, kernel.view(1, 1, -1).to(maps.dtype)).view(B, H, W)
 
 
 def threshold_for_fpr(nominal_scores: torch.Tensor, target_fpr: float) -> float:

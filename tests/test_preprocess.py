@@ -262,3 +262,20 @@ def test_uncrop_map_of_full_frame_covers_every_input_pixel() -> None:
 def test_crop_box_rejects_unknown_frame() -> None:
     with pytest.raises(ValueError, match="'crop' or 'full'"):
         preprocess.crop_box(10, 10, 10, 10, frame="tiles")
+
+
+def test_to_tensor_of_a_gray_image_equals_resampling_each_channel() -> None:
+    # the one-resample path for gray inputs against the per-channel path: an image whose
+    # channels differ in one pixel only takes the per-channel path
+    gray = np.random.default_rng(7).integers(0, 256, (150, 210), dtype=np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    almost = rgb.copy()
+    almost[0, 0, 2] ^= 1
+    fast = preprocess.to_tensor(Image.fromarray(rgb), 128, 112)
+    slow = preprocess.to_tensor(Image.fromarray(almost), 128, 112)
+    torch.testing.assert_close(fast[:2], slow[:2], rtol=0, atol=0)
+    # channel 2 differs only near the changed corner pixel (outside the centre crop: not at all)
+    torch.testing.assert_close(fast[2], slow[2], rtol=0, atol=0)
+    for c in range(3):  # the same value in every channel before normalisation
+        torch.testing.assert_close(fast[c] * STD[c] + MEAN[c], fast[0] * STD[0] + MEAN[0],
+                                   rtol=0, atol=1e-6)

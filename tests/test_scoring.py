@@ -139,3 +139,23 @@ def test_threshold_for_fpr_is_the_smallest_threshold_meeting_the_rate(seed: int)
         below = scores[scores < t]
         if len(below):
             assert np.mean(scores > below.max()) > target
+
+
+@pytest.mark.parametrize(("grid", "size", "sigma"), [((28, 28), 224, 4.0), ((7, 9), 64, 2.5),
+                                                     ((14, 14), 224, 0.0)])
+def test_anomaly_maps_equal_the_upsample_then_two_blur_passes(
+    grid: tuple[int, int], size: int, sigma: float
+) -> None:
+    # the two-matrix form against the steps it replaces, run one after the other in float64
+    patch_scores = torch.from_numpy(np.random.default_rng(2).random((3, *grid))) * 20
+    step = F.interpolate(patch_scores[:, None], size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0]
+    radius = int(4.0 * sigma + 0.5)
+    if sigma > 0:
+        kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1).double() / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        step = scoring._blur_last_axis(step, kernel, radius)
+        step = scoring._blur_last_axis(step.transpose(1, 2), kernel, radius).transpose(1, 2)
+    maps = scoring.anomaly_maps(patch_scores.float(), size=size, sigma=sigma)
+    assert maps.shape == (3, size, size) and maps.dtype == torch.float32
+    np.testing.assert_allclose(maps.numpy(), step.numpy(), rtol=0, atol=2e-5 * 20)
