@@ -1,9 +1,10 @@
 """Nearest-neighbour search of patch features against the memory bank (paper §3.3, Eq. 6).
 
-Engines: exact (faiss flat on CPU or GPU; a chunked torch search on any torch device, the CUDA path
-that needs no faiss GPU build) and approximate (faiss IVF-Flat, IVF-PQ; seeded training, recall
-measured by `measure_recall`). `resolve_engine` names the engine a (method, device) runs on.
-Every engine returns Euclidean distances (never squared), recomputed from coordinate differences.
+Engines: exact (faiss brute force over the bank array on CPU, a faiss flat index on GPU; a chunked
+torch search on any torch device, the CUDA path that needs no faiss GPU build) and approximate
+(faiss IVF-Flat, IVF-PQ; seeded training, recall measured by `measure_recall`). `resolve_engine`
+names the engine a (method, device) runs on. Every engine returns Euclidean distances (never
+squared), recomputed from coordinate differences.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class KnnIndex:
 
     bank: (M, D) float32, on the search device for torch engines, else on CPU (exact distances of
     found ids); params: resolved `ivf_params` ({} for exact); threads: faiss CPU threads (None:
-    faiss' default); sq_norms: (M,) squared row norms for the torch engines.
+    faiss' default); faiss_index: the faiss index (None for faiss-cpu-exact, which searches `bank`
+    itself: no second copy of the bank); sq_norms: (M,) squared row norms for the torch engines.
     """
 
     engine: str
@@ -232,6 +234,10 @@ def build_index(
     engine: one of ENGINES to force (tests, benchmarks); default `resolve_engine`. threads: faiss
     CPU threads for training and search (the CPUs the caller reserved). IVF training is seeded
     (options.seed): the same bank gives the same index on the same device and library versions.
+
+    Memory: a CPU float32 contiguous `bank` (a memory-mapped one from storage.load_bank) is used as
+    it is by the torch engines and faiss-cpu-exact (faiss.knn over the array: the same kernel and
+    ids as IndexFlatL2, no copy); IVF and faiss GPU indexes hold their own copy or codes.
     """
     options = options if options is not None else KnnOptions()
     if bank.ndim != 2 or bank.shape[0] < 1:
@@ -248,9 +254,11 @@ def build_index(
     if engine.startswith("torch-"):
         target = device if device.type == engine.split("-")[1] else torch.device(engine.split("-")[1])
         rows = bank.detach().to(target, torch.float32).contiguous()
-        return KnnIndex(engine, rows, params, threads, sq_norms=(rows * rows).sum(1))
+        return KnnIndex(engine, rows, params, threads, sq_norms=squared_norms(rows))
     faiss = _faiss()
     rows = bank.detach().to("cpu", torch.float32).contiguous()
+    if engine == "faiss-cpu-exact":
+        return KnnIndex(engine, rows, params, threads)
     with _faiss_threads(faiss, threads):
         index = _faiss_cpu_index(faiss, rows, options.method, params)
     if engine.startswith("faiss-gpu-"):
@@ -261,7 +269,8 @@ def build_index(
 
 
 def _faiss_cpu_index(faiss: Any, rows: torch.Tensor, method: str, params: dict[str, int]) -> Any:
-    """Flat, IVF-Flat or IVF-PQ faiss CPU index of `rows` (M, D), IVF trained on a seeded sample."""
+    """Flat, IVF-Flat or IVF-PQ faiss CPU index of `rows` (M, D), IVF trained on a seeded sample
+    (flat: only to move to a GPU; faiss-cpu-exact searches `rows` without an index)."""
     M, D = rows.shape
     if method == "exact":
         index = faiss.IndexFlatL2(D)
@@ -299,6 +308,12 @@ def _faiss_threads(faiss: Any, threads: int | None) -> Iterator[None]:
 # --------------------------------------------------------------------------- search
 
 
+def squared_norms(rows: torch.Tensor, chunk: int = BANK_CHUNK) -> torch.Tensor:
+    """(M,) ||row||^2 of rows (M, D), by blocks of `chunk` rows: no (M, D) temporary beside a
+    memory-mapped bank (the same values as (rows * rows).sum(1))."""
+    return torch.cat([(block * block).sum(1) for block in rows.split(chunk)])
+
+
 def torch_exact_search(
     bank: torch.Tensor, queries: torch.Tensor, k: int, *, bank_chunk: int = BANK_CHUNK,
     sq_norms: torch.Tensor | None = None,
@@ -313,7 +328,7 @@ def torch_exact_search(
     _check_k(k, M)
     if bank_chunk < 1:
         raise ValueError(f"bank_chunk must be >= 1, got {bank_chunk}")
-    sq_norms = sq_norms if sq_norms is not None else (bank * bank).sum(1)
+    sq_norms = sq_norms if sq_norms is not None else squared_norms(bank)
     best_sq: torch.Tensor | None = None
     best_ids = torch.empty(0)
     for lo in range(0, M, bank_chunk):
@@ -358,7 +373,10 @@ def _candidates(index: KnnIndex, queries: torch.Tensor, count: int) -> torch.Ten
         return torch_exact_search(index.bank, queries, count, sq_norms=index.sq_norms)[1]
     faiss = _faiss()
     with _faiss_threads(faiss, index.threads):
-        _, ids = index.faiss_index.search(_as_faiss_array(queries), count)
+        if index.faiss_index is None:  # faiss-cpu-exact: knn_L2sqr, as IndexFlatL2.search runs it
+            _, ids = faiss.knn(_as_faiss_array(queries), _as_faiss_array(index.bank), count)
+        else:
+            _, ids = index.faiss_index.search(_as_faiss_array(queries), count)
     ids = torch.from_numpy(ids.astype(np.int64, copy=False))
     short = (ids < 0).any(dim=1)
     if bool(short.any()):

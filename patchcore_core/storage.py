@@ -7,6 +7,7 @@ artifact folder) and the memory-bank artifact (features.npy + provenance.parquet
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -14,6 +15,7 @@ import operator
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
@@ -40,6 +42,8 @@ FEATURE_DTYPES = {"float16": (torch.float16, pa.float16()), "float32": (torch.fl
 FEATURE_ROW_GROUP = 8192
 BANK_FEATURES = "features.npy"
 BANK_PROVENANCE = "provenance.parquet"
+# Node-local copies of remote banks' features.npy: <tempdir>/patchcore-banks/<key>/features.npy
+BANK_CACHE = "patchcore-banks"
 
 # Names of keys that carry credentials (fsspec, s3fs, gcsfs and adlfs option names), matched
 # case-insensitively, whole or by part: never written to an artifact, logged or submitted.
@@ -973,8 +977,11 @@ def load_bank(
 ) -> Bank:
     """Read a bank folder written by `save_bank` (no pickle).
 
-    ValueError when `expected_spec` is given and differs from the stored spec, or when the files
-    disagree with the manifest.
+    features is memory-mapped from features.npy (copy-on-write, never written back): its pages are
+    the page cache's, one copy per node shared by every process that loads the bank. A remote
+    features.npy is first copied once per node to `bank_cache_path` (concurrent loaders wait for
+    one download). ValueError when `expected_spec` is given and differs from the stored spec, or
+    when the files disagree with the manifest.
     """
     manifest = read_manifest(uri, "bank", storage_options)
     if "ensemble" in manifest:
@@ -988,16 +995,15 @@ def load_bank(
             f"bank {uri} was built with spec {spec} but {expected_spec} was expected; "
             "use the same model flags as the bank, or rebuild the bank"
         )
-    data = read_bytes(join_uri(uri, manifest["files"]["features"]), storage_options)
-    features = np.load(io.BytesIO(data), allow_pickle=False)
     counts = manifest["counts"]
     # banks written before low-rank storage record only embed_dim, which was their width
     count, dim = counts["num_entries"], counts.get("feature_width", counts["embed_dim"])
-    if features.dtype != np.float32 or features.shape != (count, dim):
-        raise ValueError(
-            f"bank {uri}: features.npy is {features.dtype} {features.shape}, manifest says "
-            f"float32 ({count}, {dim}); the folder is corrupt, rebuild the bank"
-        )
+    features_uri = join_uri(uri, manifest["files"]["features"])
+    fs, path = url_to_fs(features_uri, storage_options)
+    if _is_local(fs) and not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {features_uri}")
+    local = path if _is_local(fs) else _node_copy(fs, path, features_uri, manifest, count, dim)
+    features = _map_features(local, uri, count, dim)
     provenance = read_table(join_uri(uri, manifest["files"]["provenance"]), None, storage_options)
     if provenance.num_rows != count:
         raise ValueError(
@@ -1015,3 +1021,91 @@ def load_bank(
         pixel_threshold=manifest["pixel_threshold"],
         info=manifest["info"],
     )
+
+
+def bank_cache_path(manifest: dict[str, Any], size: int, version: str) -> str:
+    """Node-local path of the copy of a remote bank's features.npy: under tempfile.gettempdir(),
+    keyed by the sha256 of the manifest (canonical JSON: it changes with any refit), the file's
+    size and its version on the store (ETag, generation or mtime). Nothing removes old copies."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    key = hashlib.sha256(canonical + f"\n{size}\n{version}".encode()).hexdigest()[:32]
+    return os.path.join(tempfile.gettempdir(), BANK_CACHE, key, BANK_FEATURES)
+
+
+def _node_copy(fs: Any, path: str, uri: str, manifest: dict[str, Any], count: int, dim: int) -> str:
+    """Local path of a complete copy of remote `path` (a bank's features.npy), fetched only if the
+    node has none yet: under an exclusive flock, so concurrent loaders on a node download once;
+    streamed to a temporary name and renamed, so no reader sees a part. A copy of another size or
+    with a header that disagrees with the manifest (truncated, damaged) is fetched again."""
+    import fcntl  # POSIX only, as _local_swap
+
+    _uncached(fs, path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no such file: {uri}") from err
+    size = int(info["size"])
+    version = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash", "mtime",
+                                           "LastModified") if info.get(k) is not None), "")
+    target = bank_cache_path(manifest, size, version)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(os.path.join(os.path.dirname(target), ".lock"), "ab") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when `lock` closes
+        if _is_complete_copy(target, size, count, dim):
+            return target
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        try:
+            _download(fs, path, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
+
+
+def _download(fs: Any, path: str, local: str) -> None:
+    """Stream remote `path` to the local file `local` (fsynced): never the whole file in memory."""
+    fs.get_file(path, local)
+    with open(local, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _is_complete_copy(local: str, size: int, count: int, dim: int) -> bool:
+    return (os.path.isfile(local) and os.path.getsize(local) == size
+            and _npy_layout(local, count, dim)[0] is None)
+
+
+def _npy_layout(path: str, count: int, dim: int) -> tuple[str | None, int, bool]:
+    """(problem, data offset, Fortran order) of a features.npy that should hold float32
+    (count, dim); problem is None when its header says so and the file holds all the data."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return f"features.npy has .npy format version {version}", 0, False
+        except ValueError as err:  # not a .npy file, or a header numpy cannot parse
+            return f"features.npy has no valid .npy header ({err})", 0, False
+        offset = f.tell()
+    if dtype != np.float32 or shape != (count, dim):
+        return f"features.npy is {dtype} {shape}, manifest says float32 ({count}, {dim})", 0, False
+    expected = offset + count * dim * 4
+    if os.path.getsize(path) != expected:
+        return (f"features.npy is {os.path.getsize(path)} bytes, its header and the manifest "
+                f"(float32 ({count}, {dim})) need {expected}"), 0, False
+    return None, offset, bool(fortran)
+
+
+def _map_features(path: str, uri: str, count: int, dim: int) -> np.ndarray:
+    """Local features.npy -> (count, dim) float32 copy-on-write memory map of it (writable, so
+    torch.from_numpy needs no warning; writes would stay in this process and nothing writes)."""
+    problem, offset, fortran = _npy_layout(path, count, dim)
+    if problem is not None:
+        raise ValueError(f"bank {uri}: {problem}; the folder is corrupt, rebuild the bank")
+    if count * dim == 0:  # mmap refuses empty ranges (Bank refuses empty banks)
+        return np.zeros((count, dim), np.float32)
+    return np.memmap(path, np.float32, mode="c", offset=offset, shape=(count, dim),
+                     order="F" if fortran else "C")

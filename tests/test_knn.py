@@ -104,6 +104,36 @@ def test_search_of_bank_rows_finds_each_row_at_zero_distance(engine: str) -> Non
     assert bool((dists == 0).all())  # recomputed from coordinate differences
 
 
+def test_squared_norms_by_blocks_equal_the_whole_bank_product() -> None:
+    bank = random_set(8, 1000, 24)
+    for chunk in (1, 7, 1000, 4096):
+        assert torch.equal(knn.squared_norms(bank, chunk), (bank * bank).sum(1))
+
+
+@pytest.mark.parametrize(("queries", "dim"), [(5, 16), (300, 152)])  # faiss: loops < 20 <= BLAS
+def test_faiss_cpu_exact_searches_the_bank_itself_with_the_ids_of_a_flat_index(
+    queries: int, dim: int
+) -> None:
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(queries)
+    bank = torch.from_numpy(rng.integers(-2, 3, (2000, dim)).astype(np.float32))  # many ties
+    bank[1000:1200] = bank[:200]  # exact duplicates: equal distances, the smaller id first
+    points = bank[rng.integers(0, 2000, queries)] + torch.from_numpy(
+        rng.integers(-1, 2, (queries, dim)).astype(np.float32))
+    index = knn.build_index(bank, "cpu", engine="faiss-cpu-exact", threads=2)
+    assert index.faiss_index is None and index.bank.data_ptr() == bank.data_ptr()  # no copy
+    assert index.describe()["engine"] == "faiss-cpu-exact"
+    flat = faiss.IndexFlatL2(dim)
+    flat.add(bank.numpy())
+    for k in (1, 9):
+        _, want = flat.search(points.numpy(), k)
+        assert torch.equal(knn._candidates(index, points, k), torch.from_numpy(want))
+        ref_dists, ref_ids = knn.brute_force_search(bank, points, k)
+        dists, ids = knn.search(index, points, k)
+        assert torch.equal(ids, ref_ids)  # integer data: exact distances, ties by smaller id
+        torch.testing.assert_close(dists, ref_dists, rtol=0, atol=0)
+
+
 def test_faiss_threads_are_set_for_the_search_and_restored() -> None:
     faiss = pytest.importorskip("faiss")
     before = faiss.omp_get_max_threads()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import boto3
@@ -360,10 +363,50 @@ def test_load_bank_refuses_uncommitted_or_corrupt_folder(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="corrupt"):
         storage.load_bank(str(uri))
     np.save(uri / "features.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(ValueError, match="is object .* corrupt"):  # only the header is read
         storage.load_bank(str(uri))
     (uri / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="rerun"):
+        storage.load_bank(str(uri))
+
+
+def _mapped_from(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether `tensor`'s data lies in a memory mapping of the file `path` (/proc/self/maps)."""
+    address, target = tensor.data_ptr(), str(path.resolve())
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            lo, hi = (int(part, 16) for part in fields[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_bank_memory_maps_local_features_without_a_warning(tmp_path: Path) -> None:
+    bank = _bank(num_entries=700)
+    uri = tmp_path / "bank"
+    storage.save_bank(str(uri), bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on read-only arrays
+        loaded = storage.load_bank(str(uri))
+    assert _mapped_from(loaded.features, uri / "features.npy")
+    torch.testing.assert_close(loaded.features, bank.features, rtol=0, atol=0)
+    torch.testing.assert_close(storage.load_bank(str(uri)).features, bank.features, rtol=0, atol=0)
+
+
+def test_load_bank_refuses_a_truncated_features_file(tmp_path: Path) -> None:
+    uri = tmp_path / "bank"
+    storage.save_bank(str(uri), _bank())
+    path = uri / "features.npy"
+    os.truncate(path, path.stat().st_size - 4)
+    with pytest.raises(ValueError, match=r"is \d+ bytes.*need \d+; the folder is corrupt"):
+        storage.load_bank(str(uri))
+    path.write_bytes(b"not an npy file")
+    with pytest.raises(ValueError, match="no valid .npy header.*corrupt"):
+        storage.load_bank(str(uri))
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="features.npy"):
         storage.load_bank(str(uri))
 
 
@@ -387,7 +430,9 @@ def s3_env(s3_server: str) -> str:
     return f"s3://{s3_server}"
 
 
-def test_s3_bytes_listing_manifest_and_bank_use_the_aws_endpoint_variable(s3_env: str) -> None:
+def test_s3_bytes_listing_manifest_and_bank_use_the_aws_endpoint_variable(
+    s3_env: str, node_cache: tuple[Path, list[str]]
+) -> None:
     for rel in ["imgs/a.png", "imgs/sub/b.jpg", "imgs/notes.txt"]:
         storage.write_bytes(f"{s3_env}/{rel}", b"img")
     assert storage.read_bytes(f"{s3_env}/imgs/a.png") == b"img"
@@ -413,3 +458,79 @@ def test_s3_bytes_listing_manifest_and_bank_use_the_aws_endpoint_variable(s3_env
     torch.testing.assert_close(loaded.features, bank.features, rtol=0, atol=0)
     manifest_text = storage.read_bytes(f"{s3_env}/bank/manifest.json").decode()
     assert "testing" not in manifest_text and "127.0.0.1" not in manifest_text
+
+
+@pytest.fixture
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """The node's temporary folder moved under tmp_path, and a log of the bank downloads."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    downloads: list[str] = []
+    download = storage._download
+
+    def counted(fs, path: str, local: str) -> None:
+        downloads.append(path)
+        download(fs, path, local)
+
+    monkeypatch.setattr(storage, "_download", counted)
+    return tmp_path / "node-tmp" / storage.BANK_CACHE, downloads
+
+
+def test_remote_bank_is_downloaded_once_per_node_and_a_truncated_copy_replaced(
+    s3_env: str, node_cache: tuple[Path, list[str]]
+) -> None:
+    cache, downloads = node_cache
+    bank = _bank(num_entries=50, seed=3)
+    storage.save_bank(f"{s3_env}/cached-bank", bank)
+    first = storage.load_bank(f"{s3_env}/cached-bank")
+    (copy,) = cache.glob("*/features.npy")
+    assert _mapped_from(first.features, copy)
+    torch.testing.assert_close(first.features, bank.features, rtol=0, atol=0)
+    stat = copy.stat()
+    second = storage.load_bank(f"{s3_env}/cached-bank")
+    assert len(downloads) == 1 and (copy.stat().st_ino, copy.stat().st_mtime_ns) == (
+        stat.st_ino, stat.st_mtime_ns)
+    torch.testing.assert_close(second.features, bank.features, rtol=0, atol=0)
+
+    os.truncate(copy, stat.st_size // 2)  # e.g. a full disk or a killed copy made by hand
+    third = storage.load_bank(f"{s3_env}/cached-bank")
+    assert len(downloads) == 2 and copy.stat().st_size == stat.st_size
+    torch.testing.assert_close(third.features, bank.features, rtol=0, atol=0)
+    assert sorted(p.name for p in copy.parent.iterdir()) == [".lock", "features.npy"]
+
+    storage.save_bank(f"{s3_env}/cached-bank", _bank(num_entries=40, seed=4))  # a refit
+    refit = storage.load_bank(f"{s3_env}/cached-bank")
+    assert len(downloads) == 3 and len(list(cache.glob("*/features.npy"))) == 2
+    torch.testing.assert_close(refit.features, _bank(num_entries=40, seed=4).features,
+                               rtol=0, atol=0)
+
+
+def test_concurrent_loads_of_a_remote_bank_download_it_once(
+    s3_env: str, node_cache: tuple[Path, list[str]]
+) -> None:
+    _, downloads = node_cache
+    bank = _bank(num_entries=60, seed=5)
+    storage.save_bank(f"{s3_env}/shared-bank", bank)
+    loaded: list[Bank] = []
+    threads = [threading.Thread(target=lambda: loaded.append(
+        storage.load_bank(f"{s3_env}/shared-bank"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loaded) == 4 and len(downloads) == 1
+    for got in loaded:
+        torch.testing.assert_close(got.features, bank.features, rtol=0, atol=0)
+
+
+def test_remote_bank_whose_features_disagree_with_the_manifest_is_refused(
+    s3_env: str, node_cache: tuple[Path, list[str]]
+) -> None:
+    storage.save_bank(f"{s3_env}/bad-bank", _bank())
+    data = storage.read_bytes(f"{s3_env}/bad-bank/features.npy")
+    storage.write_bytes(f"{s3_env}/bad-bank/features.npy", data[:-8])
+    with pytest.raises(ValueError, match="bytes.*corrupt"):
+        storage.load_bank(f"{s3_env}/bad-bank")
+    storage.remove(f"{s3_env}/bad-bank/features.npy")
+    with pytest.raises(FileNotFoundError, match="bad-bank/features.npy"):
+        storage.load_bank(f"{s3_env}/bad-bank")
