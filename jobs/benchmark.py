@@ -4,8 +4,11 @@ The table has the layout of the paper's Tables 1-3 (§4.2: image AUROC, pixel AU
 rows = categories + mean) plus fit and score wall-clock times. Each category works in
 <out>/<category>/{bank,results,report}; the jobs are no-ops on committed folders, so a rerun
 resumes where the last one stopped. Paper numbers (supplementary Tables S1-S3, WideResNet50) are
-added as reference columns when --ratio is one of the paper's 25%, 10% or 1%. The `lowshot`
-and `sweep` suites (jobs.sweeps) run grids of `run_category`.
+added as reference columns when --ratio is one of the paper's 25%, 10% or 1%. With an
+approximate `--knn` (ivf-flat, ivf-pq), each category is also scored with that index on the same
+bank, into <out>/<category>/<knn folder>/{results,report}, and a second table records its metrics,
+their change against exact search and its recall@1. The `lowshot` and `sweep` suites
+(jobs.sweeps) run grids of `run_category`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from jobs import cluster, datasets, evaluate, fit, logs, score
 from jobs.config import (
     CoresetFlags,
+    KnnFlags,
     ModelFlags,
     PipelineFlags,
     arg,
@@ -30,7 +34,7 @@ from jobs.config import (
     fields_of,
     parse_config,
 )
-from patchcore_core import metrics, storage
+from patchcore_core import knn, metrics, storage
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -66,10 +70,13 @@ PAPER_SOURCE = ("Roth et al., Towards Total Recall in Industrial Anomaly Detecti
 
 
 # Its docstring is the --help text. The inherited flag groups are passed on unchanged: pipeline
-# flags to every category's fit and score job, model and coreset flags to every fit job.
+# flags to every category's fit and score job, model and coreset flags to every fit job, kNN
+# flags to the second score job of each category when --knn is approximate.
 @dataclass(frozen=True, kw_only=True)
-class BenchmarkConfig(PipelineFlags, ModelFlags, CoresetFlags):
-    """Fit, score and evaluate each MVTec AD category; write benchmark.md and benchmark.json."""
+class BenchmarkConfig(KnnFlags, PipelineFlags, ModelFlags, CoresetFlags):
+    """Fit, score and evaluate each MVTec AD category; write benchmark.md and benchmark.json. With
+    an approximate --knn, each category is scored with exact search and with that index on the
+    same bank, and the change of each metric (approximate - exact) and recall@1 are recorded."""
 
     root: str = arg("MVTec AD root (category folders), or one category folder")
     out: str = arg("folder for <category>/{bank,results,report}, benchmark.md and benchmark.json")
@@ -89,6 +96,19 @@ class BenchmarkConfig(PipelineFlags, ModelFlags, CoresetFlags):
         """--categories as a list: blanks and repeats dropped, first-seen order kept."""
         return list(dict.fromkeys(c.strip() for c in self.categories.split(",") if c.strip()))
 
+    @property
+    def approximate(self) -> bool:
+        """Whether --knn names an approximate index, scored beside exact search."""
+        return self.knn != "exact"
+
+    @property
+    def knn_folder(self) -> str:
+        """Folder name of the approximate run inside <out>/<category>: knn-<method>, then each
+        --knn-* parameter given, e.g. knn-ivf-flat_nlist-16_nprobe-4 (one folder per setting)."""
+        given = [(name, getattr(self, f"knn_{name}")) for name in ("nlist", "nprobe", "pq_m", "rerank")]
+        return "_".join([f"knn-{self.knn}"] + [f"{n.replace('_', '-')}-{v}" for n, v in given
+                                               if v is not None])
+
     def fit_config(self, category: str, train: str) -> fit.FitConfig:
         """The fit job's config of one category: this run's model, pipeline and coreset flags.
 
@@ -99,25 +119,36 @@ class BenchmarkConfig(PipelineFlags, ModelFlags, CoresetFlags):
             out=work_uri(self.out, category, "bank"),
         )
 
-    def score_config(self, category: str, test: str) -> score.ScoreConfig:
+    def run_folder(self, category: str, name: str, approximate: bool = False) -> str:
+        """<out>/<category>/<name> (exact search), or <out>/<category>/<knn_folder>/<name>."""
+        if approximate:
+            return storage.join_uri(self.out, category, self.knn_folder, name)
+        return work_uri(self.out, category, name)
+
+    def score_config(self, category: str, test: str, approximate: bool = False) -> score.ScoreConfig:
         """The score job's config of one category (raw maps always: the metrics read them).
 
-        test: the category's test/ folder; results go to <out>/<category>/results.
+        test: the category's test/ folder; results go to <out>/<category>/results, searched
+        exactly, or with `approximate` by --knn into <out>/<category>/<knn_folder>/results.
         """
+        knn_flags = fields_of(self, KnnFlags) if approximate else {}
         return score.ScoreConfig(
-            **fields_of(self, PipelineFlags), bank=work_uri(self.out, category, "bank"), images=test,
-            out=work_uri(self.out, category, "results"), maps=self.maps, raw_maps=True,
+            **fields_of(self, PipelineFlags), **knn_flags, bank=work_uri(self.out, category, "bank"),
+            images=test, out=self.run_folder(category, "results", approximate), maps=self.maps,
+            raw_maps=True,
         )
 
-    def evaluate_config(self, category: str, dataset: str) -> evaluate.EvaluateConfig:
-        """The evaluate job's config of one category, on its raw maps.
+    def evaluate_config(self, category: str, dataset: str, approximate: bool = False
+                        ) -> evaluate.EvaluateConfig:
+        """The evaluate job's config of one category, on its raw maps (of the --knn run with
+        `approximate`).
 
         dataset: the category folder (test/ and ground_truth/); raw float maps give exact pixel
         metrics, where 8-bit PNG maps saturate at twice the pixel threshold.
         """
         return evaluate.EvaluateConfig(
-            results=work_uri(self.out, category, "results"), dataset=dataset,
-            out=work_uri(self.out, category, "report"), maps="raw",
+            results=self.run_folder(category, "results", approximate), dataset=dataset,
+            out=self.run_folder(category, "report", approximate), maps="raw",
             storage_options=self.storage_options, overwrite=self.overwrite,
         )
 
@@ -177,17 +208,98 @@ def paper_reference(ratio: float | None, categories: Sequence[str]) -> dict[str,
 
 def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The mean row: metrics and times averaged over categories (None values skipped); images/s
-    is all scored images over all score seconds. rows: {category: row of `run_category`}."""
+    is all scored images over all score seconds. rows: {category: row of `run_category`}.
+    With rows of an approximate --knn, also `knn` (`summarise_knn`)."""
     mean = {k: metrics.mean_present([r[k] for r in rows.values()]) for k in (*METRICS, "fit_s", "score_s")}
     timed = [r for r in rows.values() if r["score_s"] is not None]
     seconds = sum(r["score_s"] for r in timed)
     mean["images_per_s"] = sum(r["test_images"] for r in timed) / seconds if seconds > 0 else None
+    if any(r.get("knn") for r in rows.values()):
+        mean["knn"] = summarise_knn(rows)
+    return mean
+
+
+def metric_change(approximate: float | None, exact: float | None) -> float | None:
+    """approximate - exact (a fraction, as the metrics), None when either is missing."""
+    return None if approximate is None or exact is None else approximate - exact
+
+
+def summarise_knn(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean of the approximate runs: METRICS and their `change` averaged over categories,
+    `max_abs_change` per metric (the worst category), recall@1 = all hits / all recall queries,
+    images/s = all scored images over all score seconds. rows: rows of `run_category` with `knn`.
+    """
+    knn_rows = [r["knn"] for r in rows.values() if r.get("knn")]
+    mean: dict[str, Any] = {k: metrics.mean_present([r[k] for r in knn_rows]) for k in METRICS}
+    changes = {k: [r["change"][k] for r in knn_rows if r["change"][k] is not None] for k in METRICS}
+    mean["change"] = {k: metrics.mean_present(v) for k, v in changes.items()}
+    mean["max_abs_change"] = {k: max(abs(c) for c in v) if v else None for k, v in changes.items()}
+    queries = sum(r["recall_queries"] or 0 for r in knn_rows)
+    mean["recall_at_1"] = sum(r["recall_hits"] or 0 for r in knn_rows) / queries if queries else None
+    mean["recall_queries"] = queries
+    mean["score_s"] = metrics.mean_present([r["score_s"] for r in knn_rows])
+    timed = [(r, row["test_images"]) for row in rows.values() if (r := row.get("knn"))
+             and r["score_s"] is not None]
+    seconds = sum(r["score_s"] for r, _ in timed)
+    mean["images_per_s"] = sum(n for _, n in timed) / seconds if seconds > 0 else None
     return mean
 
 
 def format_cell(value: float | None, scale: float = 1.0) -> str:
     """value * scale with one decimal ('-' for None); scale 100 turns fractions into %."""
     return "-" if value is None else f"{value * scale:.1f}"
+
+
+def format_change(value: float | None, signed: bool = True) -> str:
+    """A metric change (fraction) in percentage points, three decimals, with its sign unless
+    `signed` is False ('-' for None)."""
+    if value is None:
+        return "-"
+    return f"{value * 100:+.3f}" if signed else f"{value * 100:.3f}"
+
+
+def format_params(params: dict[str, Any] | None) -> str:
+    """Resolved kNN params as 'nlist=16 nprobe=4' (an ensemble: 'member: ...' joined by '; ')."""
+    if not params:
+        return "-"
+    if all(isinstance(v, dict) for v in params.values()):
+        return "; ".join(f"{name}: {format_params(p)}" for name, p in params.items())
+    return " ".join(f"{k}={v}" for k, v in params.items() if k not in ("seed", "train_size"))
+
+
+def knn_table_markdown(result: dict[str, Any]) -> str:
+    """The approximate --knn section of benchmark.md: per category and mean, recall@1, the
+    approximate run's metrics (in %) with their change against exact search (in points), and
+    its score time. result: the content of benchmark.json with knn rows."""
+    head = ["category", "engine", "params", "recall@1", "image AUROC", "change", "pixel AUROC",
+            "change", "PRO", "change", "score s", "images/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---" + "|---:" * (len(head) - 3) + "|"]
+    for name, row in result["categories"].items():
+        r = row["knn"]
+        cells = [r["engine"], format_params(r["params"]),
+                 "-" if r["recall_at_1"] is None else f"{r['recall_at_1']:.3f}"]
+        cells += [c for k in METRICS for c in (format_cell(r[k], 100), format_change(r["change"][k]))]
+        cells += [format_cell(r["score_s"]), format_cell(r["images_per_s"])]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    mean = result["mean"]["knn"]
+    cells = ["", "", "-" if mean["recall_at_1"] is None else f"{mean['recall_at_1']:.3f}"]
+    cells += [c for k in METRICS for c in (format_cell(mean[k], 100), format_change(mean["change"][k]))]
+    cells += [format_cell(mean["score_s"]), format_cell(mean["images_per_s"])]
+    lines.append("| " + " | ".join(["**mean**", *cells]) + " |")
+    worst = [c for k in METRICS for c in ("", format_change(mean["max_abs_change"][k], signed=False))]
+    lines.append("| " + " | ".join(["**max abs change**", "", "", "", *worst, "", ""]) + " |")
+    settings = result["settings"]["knn"]
+    given = ", ".join(f"{k} {v}" for k, v in settings["requested"].items()
+                      if k not in ("method", "seed") and v is not None)
+    note = (f"--knn {settings['method']} ({given or 'no parameter given'}; unset parameters "
+            "derived per bank) against exact search on the same bank. Metrics in %; "
+            "change = approximate - exact in percentage points (0.200 = 0.002 AUROC). recall@1: "
+            "share of sampled test patches whose nearest bank entry is the exact one (jobs.score: "
+            "up to 1,000 seeded patches of the first 4 images each score actor scored; pooled over "
+            "categories in the mean row). Pixel metrics of each run come from 2,000-bin histograms "
+            "over its own value range, so a pixel change of about 0.001 points can be binning; "
+            "image AUROC is exact. Times as in the first table, for the approximate score job.")
+    return "\n".join([f"## kNN: {settings['method']} vs exact", "", *lines, "", note]) + "\n"
 
 
 def table_markdown(result: dict[str, Any]) -> str:
@@ -229,7 +341,10 @@ def table_markdown(result: dict[str, Any]) -> str:
         notes.append(f"paper = {paper['variant']} from {paper['source']}; its mean is the paper's "
                      "average over all 15 categories, shown only when all 15 were run.")
     title = f"# PatchCore benchmark: {result['suite']}"
-    return "\n".join([title, "", *lines]) + "\n\n" + "\n\n".join(notes) + "\n"
+    text = "\n".join([title, "", *lines]) + "\n\n" + "\n\n".join(notes) + "\n"
+    if result["mean"].get("knn"):
+        text += "\n" + knn_table_markdown(result)
+    return text
 
 
 # --------------------------------------------------------------------------- job
@@ -252,8 +367,9 @@ def run_category(config: BenchmarkConfig, category: datasets.Category, options: 
     """Fit, score and evaluate one category; (exit status, its table row).
 
     The row: METRICS as fractions, fit_s, score_s, images_per_s, train_images, test_images,
-    bank_entries, report (report.md's URI); {} with the status of the first job that fails.
-    Writes <out>/<category>/{bank,results,report} and timing.json. fit_config: the fit job's
+    bank_entries, report (report.md's URI), and with an approximate --knn `knn` (`run_knn`);
+    {} with the status of the first job that fails. Writes <out>/<category>/{bank,results,report}
+    and timing.json (and the --knn run's folder). fit_config: the fit job's
     config when not `config.fit_config` on train/good (jobs.sweeps: a low-shot subset);
     train_images is then len(category.train), so pass the category with that subset.
     """
@@ -290,6 +406,59 @@ def run_category(config: BenchmarkConfig, category: datasets.Category, options: 
         "bank_entries": bank["num_entries"],
         "report": storage.join_uri(report, "report.md"),
     }
+    if config.approximate:
+        status, row["knn"] = run_knn(config, category, row, options)
+        if status:
+            return status, {}
+    return 0, row
+
+
+def run_knn(config: BenchmarkConfig, category: datasets.Category, exact: dict[str, Any],
+            options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Score and evaluate one category with the --knn index on the bank `run_category` fitted;
+    (exit status, its row) with `exact` the category's row (exact search).
+
+    The row: method, engine, params (resolved, from the results manifest), threads, recall_at_1,
+    recall_hits, recall_queries and distance_ratio_mean (jobs.score's measurement; None for
+    none), METRICS, change (approximate - exact per metric), score_s, images_per_s, results
+    and report URIs. Works in <out>/<category>/<knn_folder>/{results,report} with its own
+    timing.json; a rerun reuses them as `run_category` does.
+    """
+    name, folder = category.name, category_folder(category)
+    timing_uri = storage.join_uri(config.out, name, config.knn_folder, TIMING_FILE)
+    saved = (json.loads(storage.read_bytes(timing_uri, options)) if storage.exists(timing_uri, options)
+             else {"score_s": None})
+    score_config = config.score_config(name, storage.join_uri(folder, "test"), approximate=True)
+    status, saved["score_s"] = _timed(score, score_config, score_config.out, saved["score_s"], options)
+    storage.write_bytes(timing_uri, json.dumps(saved).encode(), options)
+    if status:
+        return status, {}
+    evaluate.run(config.evaluate_config(name, folder, approximate=True))
+    report = config.run_folder(name, "report", approximate=True)
+    measured = json.loads(storage.read_bytes(storage.join_uri(report, "metrics.json"), options))
+    measured = measured["categories"][name]
+    manifest = storage.read_manifest(score_config.out, "results", options)
+    knn_info, scored = manifest["knn"], manifest["counts"]["scored"]
+    recall = knn_info.get("recall") or {}
+    row = {
+        "method": config.knn,
+        "engine": knn_info["engine"],
+        "params": knn_info["params"],
+        "threads": knn_info["threads"],
+        "recall_at_1": recall.get("recall_at_1"),
+        "recall_hits": recall.get("hits"),
+        "recall_queries": recall.get("num_queries"),
+        "distance_ratio_mean": recall.get("distance_ratio_mean"),
+        **{k: measured[k] for k in METRICS},
+        "change": {k: metric_change(measured[k], exact[k]) for k in METRICS},
+        "score_s": saved["score_s"],
+        "images_per_s": (scored / saved["score_s"]
+                         if saved["score_s"] and saved["score_s"] > 0 else None),
+        "results": score_config.out,
+        "report": storage.join_uri(report, "report.md"),
+    }
+    log.info("category %s: --knn %s recall@1 %s, change %s", name, config.knn, row["recall_at_1"],
+             json.dumps(row["change"]))
     return 0, row
 
 
@@ -308,8 +477,9 @@ def run(config: BenchmarkConfig) -> int:
     log.info("benchmark mvtec: %d categories: %s", len(selected), ", ".join(c.name for c in selected))
     if config.dry_run:
         for c in selected:
+            also = f" (and {config.knn_folder})" if config.approximate else ""
             print(f"{c.name}: {len(c.train)} train, {len(c.test)} test images in {category_folder(c)} "
-                  f"-> {storage.join_uri(config.out, c.name)}")
+                  f"-> {storage.join_uri(config.out, c.name)}{also}")
         return 0
     rows: dict[str, dict[str, Any]] = {}
     with cluster.ray_session():  # one Ray for every job instead of one per job
@@ -331,7 +501,9 @@ def run(config: BenchmarkConfig) -> int:
         "settings": {"backbone": ",".join(s.backbone for s in specs),
                      "layers": ";".join(",".join(s.layers) for s in specs), "resize": spec.resize,
                      "crop": spec.crop, "embed_dim": spec.embed_dim, "coreset": coreset,
-                     "aggregation": spec.aggregation, "frame": spec.frame},
+                     "aggregation": spec.aggregation, "frame": spec.frame,
+                     "knn": {"method": config.knn,
+                             "requested": knn.options_dict(config.knn_options())}},
         "categories": rows,
         "mean": summarise(rows),
         "paper": paper_reference(config.effective_ratio, list(rows)),

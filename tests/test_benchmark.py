@@ -1,6 +1,6 @@
 """`patchcore benchmark mvtec`: the table holds each category's evaluate metrics and their mean,
-a rerun resumes (no job redone, times kept), and the paper's reference columns are transcribed
-consistently."""
+a rerun resumes (no job redone, times kept), the paper's reference columns are transcribed
+consistently, and an approximate --knn records its metrics' change against exact search."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from jobs import benchmark
 from jobs.demo_data import make_demo_dataset
@@ -162,3 +163,105 @@ def test_benchmark_of_an_ensemble_records_its_members(
     assert result["categories"]["brick"]["bank_entries"] == bank["counts"]["num_entries"] == sum(
         m["counts"]["num_entries"] for m in bank["ensemble"]["members"])
     assert 0.0 <= result["categories"]["brick"]["image_auroc"] <= 1.0
+
+
+# --------------------------------------------------------------------------- approximate --knn
+
+KNN_BANK = ["--ratio", "0.5"]  # ~190 entries: room for 4 IVF lists of ~48 entries each
+
+
+@pytest.fixture(scope="module")
+def knn_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One benchmark folder for the --knn tests: the first run fits the bank and scores exactly,
+    later runs with other --knn settings reuse both and add only their own folder."""
+    return tmp_path_factory.mktemp("knn-bench")
+
+
+def _knn_benchmark(mvtec_root: Path, out: Path, knn_flags: list[str]) -> dict:
+    argv = ["mvtec", "--root", str(mvtec_root), "--out", str(out), "--categories", "brick", *TINY,
+            *KNN_BANK, *knn_flags]
+    benchmark.main(argv)
+    return json.loads((out / "benchmark.json").read_text())
+
+
+def _image_scores(results: Path) -> dict[str, float]:
+    """{uri: image score} of a committed results folder's scores/part-*.parquet."""
+    rows = [row for part in storage.list_files(str(results / "scores"), "part-*.parquet")
+            for row in storage.read_rows(part, ["uri", "score"])]
+    return {row["uri"]: row["score"] for row in rows}
+
+
+@pytest.mark.slow
+def test_ivf_flat_probing_every_list_changes_no_metric_and_has_recall_one(
+    mvtec_root: Path, knn_out: Path, ray_local: None
+) -> None:
+    result = _knn_benchmark(mvtec_root, knn_out, ["--knn", "ivf-flat", "--knn-nlist", "4",
+                                                  "--knn-nprobe", "4"])
+    row = result["categories"]["brick"]
+    approx = row["knn"]
+    assert approx["engine"] == "faiss-cpu-ivf-flat"
+    assert approx["params"]["nlist"] == 4 and approx["params"]["nprobe"] == 4
+    assert approx["recall_at_1"] == 1.0 and approx["recall_queries"] > 0
+    for key in benchmark.METRICS:
+        assert approx[key] == row[key] and approx["change"][key] == 0.0
+        assert result["mean"]["knn"]["change"][key] == 0.0
+    folder = knn_out / "brick" / "knn-ivf-flat_nlist-4_nprobe-4"
+    assert _image_scores(folder / "results") == _image_scores(knn_out / "brick" / "results")
+    table = (knn_out / "benchmark.md").read_text()
+    assert "## kNN: ivf-flat vs exact" in table
+    assert "| brick | faiss-cpu-ivf-flat | nlist=4 nprobe=4 | 1.000 |" in table
+
+
+@pytest.mark.slow
+def test_recorded_knn_change_is_the_difference_of_independent_aurocs(
+    mvtec_root: Path, knn_out: Path, ray_local: None
+) -> None:
+    result = _knn_benchmark(mvtec_root, knn_out, ["--knn", "ivf-flat", "--knn-nlist", "4",
+                                                  "--knn-nprobe", "1"])
+    row = result["categories"]["brick"]
+    approx = row["knn"]
+    assert approx["params"]["nprobe"] == 1 and 0.0 <= approx["recall_at_1"] <= 1.0
+    exact_scores = _image_scores(knn_out / "brick" / "results")
+    approx_scores = _image_scores(knn_out / "brick" / "knn-ivf-flat_nlist-4_nprobe-1" / "results")
+    assert approx_scores.keys() == exact_scores.keys()
+    assert approx_scores != exact_scores  # one list of four probed: some patch scores grow
+    uris = sorted(exact_scores)
+    labels = [0 if uri.split("/")[-2] == "good" else 1 for uri in uris]
+    exact_auroc = roc_auc_score(labels, [exact_scores[u] for u in uris])
+    approx_auroc = roc_auc_score(labels, [approx_scores[u] for u in uris])
+    assert row["image_auroc"] == pytest.approx(exact_auroc, abs=1e-12)
+    assert approx["image_auroc"] == pytest.approx(approx_auroc, abs=1e-12)
+    assert approx["change"]["image_auroc"] == pytest.approx(approx_auroc - exact_auroc, abs=1e-12)
+    for key in ("pixel_auroc", "pro"):
+        assert approx["change"][key] == pytest.approx(approx[key] - row[key], abs=1e-15)
+    assert result["mean"]["knn"]["change"] == approx["change"]  # the mean of one category
+
+
+def test_knn_mean_pools_recall_and_keeps_the_largest_change() -> None:
+    def knn_row(auroc: float, change: float, hits: int, queries: int, score_s: float) -> dict:
+        return {"image_auroc": auroc, "pixel_auroc": None, "pro": 0.5, "recall_hits": hits,
+                "recall_queries": queries, "recall_at_1": hits / queries, "score_s": score_s,
+                "change": {"image_auroc": change, "pixel_auroc": None, "pro": 0.0},
+                "engine": "faiss-cpu-ivf-flat", "params": {"nlist": 4, "nprobe": 1, "seed": 0},
+                "images_per_s": 1.0}
+
+    rows = {
+        "a": {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.5, "fit_s": 1.0, "score_s": 2.0,
+              "test_images": 10, "knn": knn_row(0.88, -0.02, 90, 100, 2.0)},
+        "b": {"image_auroc": 0.7, "pixel_auroc": 0.6, "pro": 0.5, "fit_s": 1.0, "score_s": 2.0,
+              "test_images": 30, "knn": knn_row(0.71, 0.01, 280, 300, 3.0)},
+    }
+    mean = benchmark.summarise(rows)["knn"]
+    assert mean["recall_at_1"] == pytest.approx(370 / 400)  # hits over queries, not mean of ratios
+    assert mean["change"]["image_auroc"] == pytest.approx(-0.005)
+    assert mean["max_abs_change"]["image_auroc"] == pytest.approx(0.02)  # the worst category
+    assert mean["change"]["pixel_auroc"] is None and mean["max_abs_change"]["pixel_auroc"] is None
+    assert mean["images_per_s"] == pytest.approx(40 / 5.0)
+    assert "knn" not in benchmark.summarise({k: {**r, "knn": None} for k, r in rows.items()})
+    result = {"categories": rows, "mean": {"knn": mean},
+              "settings": {"knn": {"method": "ivf-flat", "requested": {"method": "ivf-flat",
+                                                                     "nlist": 4, "nprobe": 1}}}}
+    table = _table(benchmark.knn_table_markdown(result))
+    assert table["a"][:5] == ["faiss-cpu-ivf-flat", "nlist=4 nprobe=1", "0.900", "88.0", "-2.000"]
+    assert table["mean"][2:5] == ["0.925", "79.5", "-0.500"]
+    assert table["max abs change"][4] == "2.000"

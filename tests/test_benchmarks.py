@@ -128,3 +128,45 @@ def test_gpu_check_smoke_runs_every_section_on_cpu_and_passes() -> None:
     assert sum(line.startswith("PASS ") for line in lines) == 9
     assert sum("bank 2,000 " in line and "img/s" in line for line in lines) == 2
     assert lines[-1] == "summary: 9 passed, 0 failed"
+
+
+def test_knn_accuracy_bench_rows_every_option_and_probing_every_list_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import knn_accuracy_bench
+
+    out = tmp_path / "knn_accuracy.md"
+    text = knn_accuracy_bench.main([
+        "--out", str(out), "--categories", "brick", "--tile", "72", "--crop", "64",
+        "--num-train", "3", "--test-good", "2", "--test-defect", "1", "--bank-size", "150",
+        "--nprobes", "1,999", "--wrn-bank-size", "200", "--wrn-images", "2", "--repeats", "1"])
+    assert out.read_text() == text
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| brick |")]
+    labels = [r[1] for r in rows]
+    assert labels == ["exact", "ivf-flat (defaults)", "ivf-flat nprobe 1",
+                      "ivf-flat nprobe 999 (capped to 3)", "ivf-pq (defaults, rerank 4)",
+                      "ivf-pq rerank 1"]
+    for row in rows:
+        assert 0.0 <= float(row[7]) <= 1.0 and all(0.0 <= float(row[i]) <= 100.0 for i in (8, 10, 12))
+    for row in (rows[0], rows[3]):  # exact, and IVF-Flat probing all 3 lists: the exact neighbours
+        assert row[7] == "1.000" and [row[i] for i in (9, 11, 13)] == ["+0.000"] * 3
+    speed = [line for line in text.splitlines() if line.startswith("| ivf-pq rerank 1 | nlist=")]
+    assert len(speed) == 1 and "ceiling of predict" in text
+
+
+def test_bank_memory_bench_prints_every_case_and_removes_its_bank(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bank_memory_bench.py"), "--rows", "2000",
+         "--dim", "64", "--queries", "49", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")}
+    assert rows == {"old": "faiss-cpu-exact", "faiss": "faiss-cpu-exact",
+                    "torch": "torch-cpu-exact", "2 x faiss, process 1": "faiss-cpu-exact",
+                    "2 x faiss, process 2": "faiss-cpu-exact"}
+    shared = next(line for line in done.stdout.splitlines() if line.startswith("2 x faiss, both"))
+    ratio = float(shared.split(" = ")[1].split(" x ")[0])
+    assert 0.9 < ratio < 1.1  # the two processes' maps of the bank add up to one bank
+    assert list(tmp_path.iterdir()) == []  # the temporary bank is deleted
