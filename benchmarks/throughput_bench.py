@@ -6,8 +6,9 @@ costs the same whatever the values), on the same images:
   forward  the backbone alone on preprocessed images, all CPUs as torch threads: the limit no
            scoring job can pass;
   loop     decode + `model.predict` in one process, all CPUs (what a user would write by hand);
-  job      `python -m jobs score` on a local Ray (maps and masks written), steady state from
-           its shard commit times (benchmarks.extract_bench.steady_state: start-up excluded).
+  job      `python -m jobs score` on a local Ray (maps and masks written), steady state as its
+           pipeline reports it in the results manifest (`timing`: rows back from the last stage
+           after the first batch; start-up excluded), CPU over that window.
 Ratios job/loop and job/forward are the figures the issue sets targets for. `--knn` adds one job
 run per approximate option, with the recall@1 its manifest records.
 
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from benchmarks._proctree import RunResult
 from benchmarks.extract_bench import decode_all, make_images, parse_variants, run_job
 from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.bank import Bank
@@ -84,13 +86,24 @@ def loop_rate(bank_uri: str, paths: Sequence[str], batch_size: int) -> tuple[flo
     return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) / len(paths)
 
 
+def job_steady_state(timing: dict, result: RunResult) -> dict[str, float]:
+    """The job's steady state as its pipeline measured it (results manifest `timing`: rows back
+    from the last stage after the first batch, over the time from it to the last): rate, and CPU
+    seconds of the whole process tree between those two instants per image."""
+    first, last = timing["first_rows_unix"], timing["last_rows_unix"]
+    images = timing["steady_images"]
+    cpu = (result.stats.cpu_at(last)[2] - result.stats.cpu_at(first)[2]) / images
+    return {"rate": timing["steady_images_per_s"], "cpu": cpu}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="efficientnet_lite0,wide_resnet50_2")
     parser.add_argument("--bank-sizes", default="3000,16000", help="comma-separated entry counts")
     parser.add_argument("--images", type=int, default=48, help="images through each job and loop")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32, help="the job's default")
+    parser.add_argument("--shard-size", type=int, default=256, help="the job's default")
     parser.add_argument("--source-px", type=int, default=300, help="side of the synthetic PNGs")
     parser.add_argument("--knn", default="", help="approximate options to add, e.g. ivf-flat,ivf-pq")
     parser.add_argument("--variants", default="job=",
@@ -101,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
     workdir = args.workdir or tempfile.mkdtemp(prefix="throughput-bench-")
-    print(f"# batch {args.batch_size}, {args.images} PNGs of {args.source_px} px, cpus "
+    print(f"# batch {args.batch_size}, shard {args.shard_size}, {args.images} PNGs of {args.source_px} px, cpus "
           f"{os.cpu_count()}, torch threads {torch.get_num_threads()}, load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     rows = []
@@ -123,11 +136,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 runs += [(m, m, []) for m in filter(None, args.knn.split(","))]
                 for label, method, flags in runs:
                     out = os.path.join(workdir, f"results-{name}-{size}-{label}")
-                    steady, result = run_job(
+                    _, result = run_job(
                         ["score", "--bank", bank, "--images", listing, "--out", out, "--device",
                          "cpu", "--batch-size", str(args.batch_size), "--shard-size",
-                         str(args.batch_size), "--knn", method, *flags], worker_niceness=0)
+                         str(args.shard_size), "--knn", method, *flags], worker_niceness=0)
                     manifest = storage.read_manifest(out, "results")
+                    steady = job_steady_state(manifest["timing"], result)
                     recall = ((manifest.get("knn") or {}).get("recall") or {}).get("recall_at_1")
                     row = (name, feature_width(spec), size, label, forward, loop, steady["rate"],
                            result.wall_s, recall, 1e3 * forward_cpu, 1e3 * loop_cpu,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,12 +64,15 @@ def decode_batch(
 def on_node(actor: type) -> type:
     """`actor` whose output batches also carry `node`: the Ray node id of the actor that made each
     row, so the driver can record where the model actors ran (a placement check that costs one
-    short string per row, not a state-API call that needs the dashboard)."""
+    short string per row, not a state-API call that needs the dashboard), and `modelled_unix`:
+    when the actor finished the batch (time.time()), so start-up ends at the first model output
+    even when a later stage holds rows back."""
 
     def call(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = actor.__call__(self, batch)
         rows = len(next(iter(out.values())))
-        return {**out, "node": np.full(rows, ray.get_runtime_context().get_node_id(), dtype=object)}
+        return {**out, "node": np.full(rows, ray.get_runtime_context().get_node_id(), dtype=object),
+                "modelled_unix": np.full(rows, time.time(), np.float64)}
 
     # same name: Ray Data names the stage and its actors after the class
     return type(actor.__name__, (actor,), {"__call__": call, "__doc__": actor.__doc__})
@@ -103,10 +107,12 @@ def stream_shards(
     the actor's output batches (score's map files: CPU work kept off the model actor); a shard is
     yielded only once `after` has returned for all its rows.
     The log's last line counts the images each Ray node's actors embedded.
-    timing: filled in (and logged) as the stage runs: startup_s, from the call to the first rows
-    back (Ray Data planning, actor start, model and index load, the first batch); then
-    steady_images, steady_s and steady_images_per_s, the rows after the first batch over the
-    time from it to the last (None with a single batch).
+    timing: filled in (and logged) at the end: startup_s, from the call to the first batch out of
+    the model actors (Ray Data planning, actor start, model and index load, that batch); then
+    steady_images, steady_s and steady_images_per_s: the rows after that batch over the time from
+    it to the last row back from the last stage (None with a single batch); first_rows_unix and
+    last_rows_unix, the wall-clock times of both (time.time(), to line up with other
+    measurements; the first is the actor's clock).
     Fault tolerance: a dead actor is restarted (max_restarts=-1) and its batch retried up to
     `flags.retries` times, as is a decode or `after` task; a row delivered twice (a retried
     batch) is kept once, by position, so each input is yielded exactly once.
@@ -122,6 +128,8 @@ def stream_shards(
     threads = max(1, round(actor_cpus))
     slots = cluster.task_slots(workers, actor_cpus, decode_cpus)
     tasks = ray.data.TaskPoolStrategy(size=slots)
+    if after is not None:  # the two task stages share the spare CPUs, so both can always run
+        decode_cpus = math.floor(decode_cpus / 2 * 1e4) / 1e4
     log.info("%s: %d images in %d shards on %d %s actor(s) of %g CPUs (%d torch threads), batch size "
              "%d; %g CPUs per decode task, at most %s at once", label, len(rows), len(shards),
              workers, device, actor_cpus, threads, flags.batch_size, decode_cpus,
@@ -160,15 +168,18 @@ def stream_shards(
     done, shards_done, duplicates, start = done_images, 0, 0, time.monotonic()
     per_node: dict[str, int] = {}
     timing = timing if timing is not None else {}
-    first_at, first_rows, received = None, 0, 0
+    start_unix = time.time()
+    first_modelled, first_rows, received = math.inf, 0, 0  # the earliest model output's time, rows
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         received += len(batch["shard"])
-        if first_at is None:
-            first_at, first_rows = time.monotonic(), len(batch["shard"])
-            timing["startup_s"] = first_at - start
+        modelled = float(batch["modelled_unix"].min())
+        if received == len(batch["shard"]):
             log.info("%s: first results after %.1f s (start-up: Ray Data, actors, model and index "
-                     "load, first batch)", label, timing["startup_s"])
-        names = [name for name in batch if name != "node"]
+                     "load, first batch)", label, time.monotonic() - start)
+        if modelled < first_modelled:  # later stages may hand an earlier model batch back later
+            first_modelled = modelled
+            first_rows = int((batch["modelled_unix"] == modelled).sum())
+        names = [name for name in batch if name not in ("node", "modelled_unix")]
         for j in range(len(batch["shard"])):
             index, position = int(batch["shard"][j]), int(batch["position"][j])
             if index not in pending or position in pending[index]:
@@ -185,13 +196,19 @@ def stream_shards(
                 shards_done += 1
                 progress.label = f"{label} ({shards_done}/{len(shards)} shards) images"
                 progress.update(done, force=shards_done == len(shards))
-    if first_at is not None:
-        steady_s = time.monotonic() - first_at
-        timing.update(steady_images=received - first_rows, steady_s=steady_s,
+    if received:
+        last_unix = time.time()
+        # clamped: on several nodes the actors' clocks may differ from the driver's a little
+        first_modelled = min(max(first_modelled, start_unix), last_unix)
+        steady_s = last_unix - first_modelled
+        timing.update(startup_s=first_modelled - start_unix, steady_images=received - first_rows,
+                      steady_s=steady_s, first_rows_unix=first_modelled, last_rows_unix=last_unix,
                       steady_images_per_s=((received - first_rows) / steady_s
                                            if received > first_rows and steady_s > 0 else None))
-        log.info("%s: steady state %d images in %.1f s after the first batch: %s images/s", label,
-                 timing["steady_images"], steady_s, timing["steady_images_per_s"])
+        log.info("%s: start-up %.1f s (Ray Data, actors, model and index load, the first model "
+                 "batch); steady state %d images in %.1f s after it: %s images/s", label,
+                 timing["startup_s"], timing["steady_images"], steady_s,
+                 timing["steady_images_per_s"])
     if duplicates:
         log.warning("%s: %d rows arrived twice (retried batches) and were kept once", label, duplicates)
     if pending:

@@ -220,6 +220,9 @@ def test_start_up_and_steady_state_are_reported_apart(local_results: Path, local
     assert 0 < timing["startup_s"] and timing["startup_s"] + timing["steady_s"] <= timing["wall_s"]
     assert 0 < timing["steady_images"] < inputs  # every row but the first batch's
     assert timing["steady_images_per_s"] == pytest.approx(timing["steady_images"] / timing["steady_s"])
+    # the steady window starts when the actors' first batch came out, not when a later stage
+    # handed its rows back
+    assert timing["last_rows_unix"] - timing["first_rows_unix"] == pytest.approx(timing["steady_s"])
     calibration = storage.read_manifest(str(local_bank), "bank")["info"]["fit"]["calibration"]
     assert calibration["timing"]["startup_s"] > 0
 

@@ -237,6 +237,25 @@ def test_decode_tasks_of_explicit_actors_fit_on_one_node(
     assert cluster.resolve_resources(flags, "cpu") == (workers, cpus_per_worker, decode)
 
 
+@pytest.mark.parametrize(
+    "nodes, workers, actor_cpus, decode, remote, slots",
+    [([2.0], 2, 0.875, 0.25, False, 1),  # this machine: the actors leave one 0.25-CPU task
+     ([16.0, 16.0], 2, 1.0, 1.0, False, 30), ([1.0, 1.0], 2, 0.75, 0.25, False, 2),
+     ([16.0], 1, 1.0, 1.0, True, None)],  # a remote cluster may grow: Ray Data's own limit
+)
+def test_task_stages_run_at_most_the_tasks_the_spare_cpus_hold(
+    monkeypatch: pytest.MonkeyPatch, nodes: list[float], workers: int, actor_cpus: float,
+    decode: float, remote: bool, slots: int | None,
+) -> None:
+    # Without the cap, CPUs freed by the actors at the end of a run started a burst of new task
+    # workers, each importing torch for milliseconds of work.
+    from jobs import cluster
+
+    monkeypatch.setattr(cluster, "node_cpus", lambda: nodes)
+    monkeypatch.setattr(cluster, "on_remote_cluster", lambda: remote)
+    assert cluster.task_slots(workers, actor_cpus, decode) == slots
+
+
 def _step(checkpoint: Path) -> int:
     """Greedy steps saved in a coreset checkpoint (0 while none, or while it is being written)."""
     try:
