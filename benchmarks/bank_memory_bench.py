@@ -145,24 +145,14 @@ def write_bank(folder: Path, rows: int, dim: int, seed: int) -> None:
 def old_load_bank(uri: str) -> Any:
     """storage.load_bank before the memory map: whole file as bytes, then np.load into a copy
     (the bytes live until the Bank is built, as they did there)."""
-    import torch
 
     from patchcore_core import storage
-    from patchcore_core.bank import Bank
-    from patchcore_core.spec import ModelSpec
 
     manifest = storage.read_manifest(uri, "bank")
     data = storage.read_bytes(storage.join_uri(uri, manifest["files"]["features"]))
     features = np.load(io.BytesIO(data), allow_pickle=False)
     provenance = storage.read_table(storage.join_uri(uri, manifest["files"]["provenance"]))
-    bank = Bank(spec=ModelSpec.from_json(manifest["spec"]), features=torch.from_numpy(features),
-                image_ids=tuple(str(s) for s in provenance.column("image_id").to_pylist()),
-                ys=torch.from_numpy(provenance.column("y").to_numpy().astype(np.int64)),
-                xs=torch.from_numpy(provenance.column("x").to_numpy().astype(np.int64)),
-                projection_seed=int(manifest["projection_seed"]),
-                coverage_radius=float(manifest["coverage_radius"]),
-                image_threshold=manifest["image_threshold"],
-                pixel_threshold=manifest["pixel_threshold"], info=manifest["info"])
+    bank = storage.bank_from_parts(manifest, features, provenance)
     del data
     return bank
 

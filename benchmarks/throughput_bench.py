@@ -6,6 +6,7 @@ costs the same whatever the values), on the same images:
   forward  the backbone alone on preprocessed images, all CPUs as torch threads: the limit no
            scoring job can pass;
   loop     decode + `model.predict` in one process, all CPUs (what a user would write by hand);
+           forward and loop run forwards of jobs.cluster.forward_batch images, as the job's actors;
   job      `python -m jobs score` on a local Ray (maps and masks written), steady state as its
            pipeline reports it in the results manifest (`timing`: rows back from the last stage
            after the first batch; start-up excluded), CPU over that window.
@@ -31,6 +32,7 @@ import torch
 
 from benchmarks._proctree import RunResult
 from benchmarks.extract_bench import decode_all, make_images, parse_variants, run_job
+from jobs import cluster
 from patchcore_core import backbone, model, preprocess, storage
 from patchcore_core.bank import Bank
 from patchcore_core.features import feature_width
@@ -56,7 +58,7 @@ def forward_rate(spec: ModelSpec, images: torch.Tensor, batch_size: int) -> tupl
     """(images/s, CPU s per image) of the bare backbone forward over preprocessed `images`, after
     one warm-up batch."""
     extractor = backbone.load_backbone(spec, torch.device("cpu"))
-    batches = list(images.split(batch_size))
+    batches = list(images.split(cluster.forward_batch("cpu", batch_size)))
     with torch.inference_mode():
         extractor(batches[0])
         start, cpu = time.perf_counter(), time.process_time()
@@ -77,7 +79,7 @@ def loop_rate(bank_uri: str, paths: Sequence[str], batch_size: int) -> tuple[flo
             preprocess.to_tensor(preprocess.decode_image(storage.read_bytes(p)), spec.resize,
                                  spec.crop, frame=spec.frame)
             for p in batch_paths])
-        model.predict(patchcore, images, batch_size=batch_size)
+        model.predict(patchcore, images, batch_size=cluster.forward_batch("cpu", batch_size))
 
     step(paths[:batch_size])
     start, cpu = time.perf_counter(), time.process_time()
@@ -114,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
     workdir = args.workdir or tempfile.mkdtemp(prefix="throughput-bench-")
-    print(f"# batch {args.batch_size}, shard {args.shard_size}, {args.images} PNGs of {args.source_px} px, cpus "
+    print(f"# batch {args.batch_size} (forwards of {cluster.forward_batch('cpu', args.batch_size)}"
+          f"), shard {args.shard_size}, {args.images} PNGs of {args.source_px} px, cpus "
           f"{os.cpu_count()}, torch threads {torch.get_num_threads()}, load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     rows = []

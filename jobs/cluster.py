@@ -199,6 +199,19 @@ def resolve_resources(flags: ActorFlags, device: str) -> tuple[int, float, float
     )
 
 
+# Images per backbone forward on CPU, whatever --batch-size hands an actor: larger forwards spill the
+# CPU caches. `python -m benchmarks.forward_batch_bench` (1 thread, CPU ms an image at 4 / 8 / 16 /
+# 32 images a forward) on this project's 2-core machine: efficientnet_lite0 23.8 / 26.9 / 41.9 /
+# 57.4, wide_resnet50_2 182.5 / 185.7 / 235.8 / 270.1. GPUs take the whole batch. Scores do not
+# depend on it (the same per-image computation).
+CPU_FORWARD_BATCH = 4
+
+
+def forward_batch(device: str, batch_size: int) -> int:
+    """Images per backbone forward in an actor given batches of `batch_size` on `device`."""
+    return max(1, batch_size if device.startswith("cuda") else min(batch_size, CPU_FORWARD_BATCH))
+
+
 def task_slots(workers: int, actor_cpus: float, decode_cpus: float) -> int | None:
     """Most decode (or map-writing) tasks a stage may run at once: as many as the CPUs the model
     actors leave hold, at least one; None (Ray Data's own limit) on a remote cluster, whose

@@ -55,6 +55,7 @@ class FeatureActor:
         # grid (h, w) and stored width W (embed_dim, or r for low-rank specs) as embedding gives them
         _, h, w, width = model.embed_images(self.extractor, probe, self.spec).shape
         self.grid, self.width = (h, w), width
+        self.device = device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -62,13 +63,15 @@ class FeatureActor:
         kept = {k: v for k, v in batch.items() if k != "image"}  # images are not needed downstream
         if ok.all():  # the usual case: one cast of the (B, h, w, D) features, no other copy
             images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
-            feats = model.embed_images(self.extractor, images, self.spec, len(ok))
+            feats = model.embed_images(self.extractor, images, self.spec,
+                                      cluster.forward_batch(self.device, len(ok)))
             return {**kept, "features": feats.to(self.dtype).numpy()}
         # (B, h, w, W); rows of failed inputs stay zero and are dropped by the driver
         out = torch.zeros(len(ok), h, w, self.width, dtype=self.dtype)
         if ok.any():
             images = torch.from_numpy(batch["image"][ok])
-            feats = model.embed_images(self.extractor, images, self.spec, int(ok.sum()))
+            feats = model.embed_images(self.extractor, images, self.spec,
+                                      cluster.forward_batch(self.device, int(ok.sum())))
             out[torch.from_numpy(ok)] = feats.to(self.dtype)
         return {**kept, "features": out.numpy()}
 

@@ -143,6 +143,7 @@ class ScoreActor:
             log.info("kNN engine %s", json.dumps(member.index.describe(), sort_keys=True))
         self.knn_report = ""  # JSON, set by the first batch with a readable image
         self.return_maps = return_maps
+        self.device = device
 
     def _measure_knn(self, images: torch.Tensor, uris: Sequence[str]) -> str:
         """The kNN report (JSON): index.describe(), plus for approximate indexes `recall` (see
@@ -180,7 +181,8 @@ class ScoreActor:
             images = torch.from_numpy(batch["image"][rows])
             if not self.knn_report:
                 self.knn_report = self._measure_knn(images, [batch["uri"][i] for i in rows])
-            prediction = ensemble.predict(self.model, images, batch_size=len(rows))
+            prediction = ensemble.predict(self.model, images,
+                                          batch_size=cluster.forward_batch(self.device, len(rows)))
             spec = self.model.spec
             for j, i in enumerate(rows):
                 width, height = int(batch["width"][i]), int(batch["height"][i])

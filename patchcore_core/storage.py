@@ -1009,8 +1009,14 @@ def load_bank(
         raise ValueError(
             f"bank {uri}: provenance.parquet has {provenance.num_rows} rows, expected {count}"
         )
+    return bank_from_parts(manifest, features, provenance)
+
+
+def bank_from_parts(manifest: dict[str, Any], features: np.ndarray, provenance: pa.Table) -> Bank:
+    """Bank from a bank manifest, its (M, W) float32 features and its provenance table (as read
+    from the folder; the caller has checked that they agree)."""
     return Bank(
-        spec=spec,
+        spec=ModelSpec.from_json(manifest["spec"]),
         features=torch.from_numpy(features),
         image_ids=tuple(str(s) for s in provenance.column("image_id").to_pylist()),
         ys=torch.from_numpy(provenance.column("y").to_numpy().astype(np.int64)),
