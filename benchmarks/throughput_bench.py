@@ -94,6 +94,8 @@ def job_steady_state(timing: dict, result: RunResult) -> dict[str, float]:
     seconds of the whole process tree between those two instants per image."""
     first, last = timing["first_rows_unix"], timing["last_rows_unix"]
     images = timing["steady_images"]
+    if not images:  # a single batch: no steady state (use more images than --batch-size)
+        return {"rate": float("nan"), "cpu": float("nan")}
     cpu = (result.stats.cpu_at(last)[2] - result.stats.cpu_at(first)[2]) / images
     return {"rate": timing["steady_images_per_s"], "cpu": cpu}
 

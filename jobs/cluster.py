@@ -201,8 +201,8 @@ def resolve_resources(flags: ActorFlags, device: str) -> tuple[int, float, float
 
 # Images per backbone forward on CPU, whatever --batch-size hands an actor: larger forwards spill the
 # CPU caches. `python -m benchmarks.forward_batch_bench` (1 thread, CPU ms an image at 4 / 8 / 16 /
-# 32 images a forward) on this project's 2-core machine: efficientnet_lite0 23.8 / 26.9 / 41.9 /
-# 57.4, wide_resnet50_2 182.5 / 185.7 / 235.8 / 270.1. GPUs take the whole batch. Scores do not
+# 32 images a forward) on this project's 2-core machine: efficientnet_lite0 17.9 / 22.2 / 33.6 /
+# 48.4, wide_resnet50_2 183.5 / 183.1 / 201.3 / 235.5. GPUs take the whole batch. Scores do not
 # depend on it (the same per-image computation).
 CPU_FORWARD_BATCH = 4
 

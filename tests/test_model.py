@@ -312,3 +312,13 @@ def test_low_rank_fit_selects_the_same_coreset_and_predicts_the_same_as_d_dim(
     np.testing.assert_allclose(after.maps.numpy(), before.maps.numpy(), rtol=0, atol=1e-4 * scale)
     assert low.image_threshold == pytest.approx(wide.image_threshold, rel=1e-4)
     assert low.pixel_threshold == pytest.approx(wide.pixel_threshold, rel=1e-4)
+
+
+def test_predictions_do_not_depend_on_the_images_per_forward(fitted: pc.PatchCore, data: dict) -> None:
+    # scoring actors on CPU run forwards of jobs.cluster.CPU_FORWARD_BATCH images whatever the
+    # batch: a batch in forwards of 1 and of all its images must score alike
+    whole = pc.predict(fitted, data["test"], batch_size=len(data["test"]))
+    single = pc.predict(fitted, data["test"], batch_size=1)
+    np.testing.assert_allclose(single.scores.numpy(), whole.scores.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(single.maps.numpy(), whole.maps.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(single.max_yx.numpy(), whole.max_yx.numpy())

@@ -256,6 +256,14 @@ def test_task_stages_run_at_most_the_tasks_the_spare_cpus_hold(
     assert cluster.task_slots(workers, actor_cpus, decode) == slots
 
 
+def test_cpu_actors_run_forwards_of_a_few_images_and_gpus_the_whole_batch() -> None:
+    from jobs import cluster
+
+    assert cluster.forward_batch("cpu", 32) == cluster.CPU_FORWARD_BATCH == 4
+    assert cluster.forward_batch("cpu", 3) == 3 and cluster.forward_batch("cpu", 0) == 1
+    assert cluster.forward_batch("cuda", 32) == 32 and cluster.forward_batch("cuda:1", 64) == 64
+
+
 def _step(checkpoint: Path) -> int:
     """Greedy steps saved in a coreset checkpoint (0 while none, or while it is being written)."""
     try:
