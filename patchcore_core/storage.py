@@ -1051,8 +1051,7 @@ def _node_copy(fs: Any, path: str, uri: str, manifest: dict[str, Any], count: in
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no such file: {uri}") from err
     size = int(info["size"])
-    version = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash", "mtime",
-                                           "LastModified") if info.get(k) is not None), "")
+    version = _version_tag(info)  # the same content tag as the input listings
     target = bank_cache_path(manifest, size, version)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(os.path.join(os.path.dirname(target), ".lock"), "ab") as lock:
